@@ -1,0 +1,32 @@
+# Two set-up commands for a fresh machine: `make demo` and `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install fashion-mnist clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian's copy of the original Fashion-MNIST IDX files, when we are root and no copy is found.
+fashion-mnist:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's dataset-fashion-mnist"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null) || \
+		echo "could not install dataset-fashion-mnist; the real-data test will be skipped"; \
+	fi
+
+demo: $(STAMP) fashion-mnist
+	$(BIN)/raymoe demo
+
+test: $(STAMP) fashion-mnist
+	$(BIN)/python -m pytest -q -x --durations=15
+
+clean:
+	rm -rf $(VENV) mlflow.db checkpoints ray_results

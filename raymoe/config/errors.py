@@ -1,0 +1,11 @@
+"""The one error type for bad user input: names the field path and the bad value."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """Raised for any invalid experiment or sweep setting; the CLI maps it to exit code 2."""
+
+    def __init__(self, path: str, value: object, problem: str):
+        self.path, self.value, self.problem = path, value, problem
+        super().__init__(f"{path} = {value!r}: {problem}" if path else problem)

@@ -1,0 +1,292 @@
+"""YAML -> typed config: strict types, unknown keys rejected, `--set a.b=v` overrides, `base:` inheritance.
+
+Every problem raises ConfigError(path, value, problem); nothing here has side effects.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from raymoe.config.errors import ConfigError
+from raymoe.config.schema import SPARSE_GATES, ExperimentConfig
+
+T = TypeVar("T")
+_MISSING = object()
+
+
+def read_yaml(path: str | os.PathLike, field_path: str = "config") -> dict[str, Any]:
+    """Read a YAML mapping, following `base: other.yaml` (relative to the file) with a deep merge."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field_path, str(path), "file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(field_path, str(path), f"not valid YAML: {exc}".replace("\n", " ")) from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(field_path, str(path), f"must hold a mapping, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError("base", base, "must be a path to another YAML file")
+    return deep_merge(read_yaml(path.parent / base, "base"), raw)
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", YAML-parsed value)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", text, "expected KEY=VALUE, e.g. train.epochs=5")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any], cls: type = ExperimentConfig) -> dict:
+    """Set dotted keys in a raw dict; the path must exist in the dataclass schema `cls`."""
+    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+    raw = copy.deepcopy(raw)
+    for key, value in items:
+        _check_path_exists(cls, key)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return raw
+
+
+def _check_path_exists(cls: type, dotted: str) -> None:
+    current: Any = cls
+    for i, part in enumerate(dotted.split(".")):
+        if not (isinstance(current, type) and dataclasses.is_dataclass(current)):
+            raise ConfigError(dotted, None, f"{'.'.join(dotted.split('.')[:i])} has no sub-keys")
+        hints = get_type_hints(current)
+        if part not in hints:
+            prefix = ".".join(dotted.split(".")[:i])
+            raise ConfigError(dotted, None, f"unknown key; {prefix or 'the config'} has {sorted(hints)}")
+        current = _dataclass_in(hints[part])
+
+
+def _dataclass_in(tp: Any) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    for arg in get_args(tp):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return tp
+
+
+def from_dict(cls: type[T], raw: Any, path: str = "") -> T:
+    """Build dataclass `cls` from a raw mapping with strict type checks."""
+    if not isinstance(raw, dict):
+        raise ConfigError(path, raw, f"expected a mapping of {cls.__name__} fields")
+    hints = get_type_hints(cls)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(where, raw[unknown[0]], f"unknown key; allowed here: {sorted(hints)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        sub = f"{path}.{f.name}" if path else f.name
+        if f.name in raw:
+            kwargs[f.name] = _convert(hints[f.name], raw[f.name], sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(sub, None, "required key is missing")
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(option, value, path)
+            except ConfigError as exc:
+                errors.append(exc.problem)
+        raise ConfigError(path, value, " or ".join(errors))
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(path, value, f"must be one of {list(allowed)}")
+        return value
+    if origin in (list, typing.List):
+        (item_tp,) = get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(path, value, "must be a list")
+        return [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(path, value, "must be a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, value, "must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, value, "must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(path, value, "must be a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, value, "must be a number")
+        if not math.isfinite(value):
+            raise ConfigError(path, value, "must be finite")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, value, "must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1} (for MLflow params and sweep overrides)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _require(ok: bool, path: str, value: Any, problem: str) -> None:
+    if not ok:
+        raise ConfigError(path, value, problem)
+
+
+def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Cross-field rules; raise ConfigError on the first violation."""
+    m, g, t, s, r, d = cfg.model, cfg.gate, cfg.train, cfg.scaling, cfg.regularizer, cfg.data
+    _require(bool(cfg.name.strip()), "name", cfg.name, "must not be empty")
+    _require("/" not in cfg.name, "name", cfg.name, "must not contain '/'")
+    _require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    for key in ("train_limit", "test_limit"):
+        value = getattr(d, key)
+        _require(value is None or value >= 1, f"data.{key}", value, "must be >= 1 (or null for all)")
+    _require(m.num_experts >= 1, "model.num_experts", m.num_experts, "must be >= 1")
+    _require(m.hidden_size is None or m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "must be >= 1")
+    _require(0 < m.log_eps < 1e-2, "model.log_eps", m.log_eps, "must be in (0, 0.01)")
+    _require(g.temperature > 0, "gate.temperature", g.temperature, "must be > 0")
+    _require(g.top_k >= 1, "gate.top_k", g.top_k, "must be >= 1")
+    _require(g.top_k <= m.num_experts, "gate.top_k", g.top_k, f"must be <= model.num_experts ({m.num_experts})")
+    _require(g.noise_eps >= 0, "gate.noise_eps", g.noise_eps, "must be >= 0")
+    _require(0 <= g.jitter < 1, "gate.jitter", g.jitter, "must be in [0, 1)")
+    _require(g.capacity_factor is None or g.capacity_factor > 0, "gate.capacity_factor", g.capacity_factor,
+             "must be > 0 (or null for dropless)")
+    _require(g.bias_balance_rate >= 0, "gate.bias_balance_rate", g.bias_balance_rate, "must be >= 0")
+    token_level = m.arch == "vit_moe"
+    if not token_level:
+        _require(g.kind != "expert_choice", "gate.kind", g.kind,
+                 "expert_choice routes tokens; use it with model.arch: vit_moe")
+        _require(g.capacity_factor is None, "gate.capacity_factor", g.capacity_factor,
+                 "capacity applies to token-level routers (model.arch: vit_moe)")
+        _require(not g.hypermoe.enabled, "gate.hypermoe.enabled", True,
+                 "HyperMoE is a token-level option; use model.arch: vit_moe")
+        _require(g.bias_balance_rate == 0 or g.kind in SPARSE_GATES, "gate.bias_balance_rate",
+                 g.bias_balance_rate, "bias balancing changes top-k selection; use a top-k gate")
+    else:
+        vit = m.vit
+        for key in ("patch_size", "dim", "depth", "heads", "mlp_dim", "moe_every"):
+            _require(getattr(vit, key) >= 1, f"model.vit.{key}", getattr(vit, key), "must be >= 1")
+        _require(vit.dim % vit.heads == 0, "model.vit.dim", vit.dim, f"must be divisible by heads ({vit.heads})")
+        _require(vit.num_shared_experts >= 0, "model.vit.num_shared_experts", vit.num_shared_experts, "must be >= 0")
+        image = 28 if d.name in ("mnist", "fashion_mnist") else 32
+        _require(image % vit.patch_size == 0, "model.vit.patch_size", vit.patch_size,
+                 f"must divide the image size {image}")
+        _require(not (g.kind == "expert_choice" and vit.causal), "gate.kind", g.kind,
+                 "expert choice looks at all tokens of the batch, so it would leak future tokens in a causal model")
+        _require(not (g.hypermoe.enabled and g.kind == "expert_choice"), "gate.hypermoe.enabled", True,
+                 "HyperMoE needs a per-token unselected set; expert_choice has none (use topk or noisy_topk)")
+    if g.hypermoe.enabled:
+        for key in ("expert_embed_dim", "process_dim", "hypernet_input", "hypernet_bottleneck", "layer_embed_dim",
+                    "adapter_dim"):
+            value = getattr(g.hypermoe, key)
+            _require(value >= 1, f"gate.hypermoe.{key}", value, "must be >= 1")
+    if m.arch == "single":
+        _require(g.kind == "softmax", "gate.kind", g.kind, "model.arch single has no gate; leave gate.kind default")
+    for key in ("importance", "load", "load_balance", "z_loss"):
+        value = getattr(r, key)
+        _require(value >= 0, f"regularizer.{key}", value, "must be >= 0")
+    ss = r.sample_similarity
+    _require(ss.beta_s >= 0, "regularizer.sample_similarity.beta_s", ss.beta_s, "must be >= 0")
+    _require(ss.beta_d >= 0, "regularizer.sample_similarity.beta_d", ss.beta_d, "must be >= 0")
+    _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
+    _require(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+    _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
+    _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    if t.distill_from is not None:
+        _require(Path(t.distill_from).exists(), "train.distill_from", t.distill_from, "checkpoint not found")
+        _require(m.arch == "moe" and g.kind == "softmax", "train.distill_from", t.distill_from,
+                 "distillation trains a new original gate: needs model.arch moe and gate.kind softmax")
+    _require(s.num_workers >= 0, "scaling.num_workers", s.num_workers, "must be >= 0")
+    _require(s.expert_parallel >= 1, "scaling.expert_parallel", s.expert_parallel, "must be >= 1")
+    _require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "must be >= -1 (-1 = unlimited)")
+    if s.expert_parallel > 1:
+        _require(m.arch != "single", "scaling.expert_parallel", s.expert_parallel, "the single model has no experts")
+        _require(s.num_workers >= s.expert_parallel, "scaling.expert_parallel", s.expert_parallel,
+                 f"needs at least that many workers (scaling.num_workers = {s.num_workers})")
+        _require(s.num_workers % s.expert_parallel == 0, "scaling.expert_parallel", s.expert_parallel,
+                 f"must divide scaling.num_workers ({s.num_workers})")
+        _require(m.num_experts % s.expert_parallel == 0, "scaling.expert_parallel", s.expert_parallel,
+                 f"must divide model.num_experts ({m.num_experts}) so each rank owns "
+                 f"num_experts / expert_parallel experts")
+    _require(bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment,
+             "must not be empty")
+    _require(cfg.tracking.uri.startswith(("sqlite:///", "http://", "https://", "databricks", "postgresql", "mysql")),
+             "tracking.uri", cfg.tracking.uri,
+             "use sqlite:///mlflow.db or a tracking server URL (MLflow >= 3.13 refuses ./mlruns file stores)")
+    return cfg
+
+
+def load_experiment(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] = (),
+                    raw: dict | None = None) -> ExperimentConfig:
+    """Read, override, convert and check an experiment config."""
+    data = read_yaml(path) if raw is None else copy.deepcopy(raw)
+    data = apply_overrides(data, overrides or [])
+    return check_experiment(from_dict(ExperimentConfig, data))

@@ -1,0 +1,133 @@
+"""Typed experiment config: one dataclass per component, mapping 1:1 onto the YAML files in tune_configs/.
+
+Field comments give the meaning and the paper default. Cross-field rules live in `check_experiment`,
+which raises ConfigError naming the field path and the bad value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+DatasetName = Literal["mnist", "fashion_mnist", "cifar10", "cifar100"]
+GateKind = Literal["softmax", "attentive", "noisy_topk", "topk", "expert_choice"]
+SPARSE_GATES = ("noisy_topk", "topk", "expert_choice")
+DENSE_GATES = ("softmax", "attentive")
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    name: DatasetName = "fashion_mnist"
+    root: str | None = None  # first place to look for (and download into) the files; None = ./data
+    train_limit: int | None = None  # first N training samples only (quick runs)
+    test_limit: int | None = None  # first N test samples only
+    augment: bool | None = None  # flip + reflect-pad-4 crop on whole batches; None = on for cifar100 only (paper)
+    download: bool = True  # last resort after data.root and the system copy
+
+
+@dataclass(kw_only=True, slots=True)
+class ViTConfig:
+    patch_size: int = 4  # 28x28 -> 7x7 patches, 32x32 -> 8x8
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_dim: int = 128  # d_ff of the dense FFN and of each expert
+    moe_every: int = 2  # MoE FFN in every other block (V-MoE); blocks i % moe_every == moe_every - 1
+    pool: Literal["cls", "mean"] = "cls"
+    num_shared_experts: int = 0  # DeepSeekMoE always-on experts
+    causal: bool = False  # only to exercise routers that refuse causal models (expert choice)
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    arch: Literal["moe", "single", "vit_moe"] = "moe"  # moe = the paper's expectation MoE
+    num_experts: int = 5
+    hidden_size: int | None = None  # expert fc2 width = attention H; None = the dataset's paper value (32 / 64)
+    output_softmax: bool = False  # extra softmax over the mixture (reference code from 2022-11-18, CIFAR-100)
+    log_eps: float = 1e-7  # L_CE = -log(y_hat + eps); master uses 1e-15
+    vit: ViTConfig = field(default_factory=ViTConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class HyperMoEConfig:
+    enabled: bool = False
+    expert_embed_dim: int = 128  # per-layer expert embeddings (Zhao et al. code defaults)
+    process_dim: int = 128
+    hypernet_input: int = 128
+    hypernet_bottleneck: int = 128
+    layer_embed_dim: int = 10
+    adapter_dim: int = 64  # bottleneck b of the generated HyperExpert
+
+
+@dataclass(kw_only=True, slots=True)
+class GateConfig:
+    kind: GateKind = "softmax"
+    temperature: float = 1.0  # original gate softmax(W h / T); T = 1 in every paper experiment
+    top_k: int = 1
+    renormalize: bool | None = None  # renormalise top-k weights to sum 1; None = only when top_k > 1 (GShard)
+    noise_eps: float = 1e-2  # noisy top-k: std = softplus(x W_noise) + eps (Hyper_MoE code)
+    jitter: float = 0.0  # Switch multiplicative input jitter in training
+    capacity_factor: float | None = None  # token routers: capacity = ceil(cf * tokens * k / E); None = dropless
+    bias_balance_rate: float = 0.0  # aux-loss-free balancing (DeepSeek-V3) update rate u; 0 = off
+    hypermoe: HyperMoEConfig = field(default_factory=HyperMoEConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class SampleSimilarityConfig:
+    beta_s: float = 0.0  # weight of the same-expert distance term S
+    beta_d: float = 0.0  # weight of the different-expert distance term D
+    normalization: Literal["reference", "normalized"] = "reference"  # reference: beta_s*S - beta_d*D/N^2 (as coded)
+    distance: Literal["raw", "raw_channel_sum"] = "raw"  # pixel distance; channel_sum = AAAI-submission code
+
+
+@dataclass(kw_only=True, slots=True)
+class RegularizerConfig:
+    importance: float = 0.0  # w * CV(sum_n g(x_n))^2 (Shazeer 2017; paper grid 0.2..1.0)
+    load: float = 0.0  # w * CV(load)^2 with the noisy top-k smooth load (Shazeer 2017)
+    load_balance: float = 0.0  # Switch alpha * E * sum_e f_e P_e
+    z_loss: float = 0.0  # ST-MoE router z-loss coefficient
+    sample_similarity: SampleSimilarityConfig = field(default_factory=SampleSimilarityConfig)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 512
+    eval_batch_size: int = 2048  # evaluation batch; metrics are computed over the whole set regardless
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bn_eval: bool = True  # False = reference quirk: BatchNorm keeps batch statistics at test time
+    distill_from: str | None = None  # checkpoint of a trained attentive MoE: freeze experts, train a new original gate
+    checkpoint_dir: str = "checkpoints"
+    progress: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class ScalingConfig:
+    num_workers: int = 0  # 0 = this process; >= 1 = Ray Train TorchTrainer workers
+    use_gpu: bool = False
+    expert_parallel: int = 1  # EP degree: experts split across this many ranks
+    max_failures: int = 0  # Ray Train FailureConfig(max_failures)
+    storage_path: str | None = None  # Ray Train storage; None = ./ray_results (use shared storage on clusters)
+
+
+@dataclass(kw_only=True, slots=True)
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"  # MLflow >= 3.13 refuses the ./mlruns file store
+    experiment: str = "raymoe"
+    enabled: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class ExperimentConfig:
+    name: str
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
