@@ -1,10 +1,264 @@
-"""The one training function: `raymoe train`, Ray Train workers and Tune trials all call `train_fn`."""
+"""The one training function: `raymoe train` (in-process), Ray Train workers and Tune trials all call `train_fn`.
+
+Order matters for "bad input never creates a run": the config is rebuilt and checked, the data loaded, the
+model built and any checkpoint loaded BEFORE the MLflow run is opened. Everything after that runs inside a
+try block that marks the run FAILED (reason in the tag raymoe.failure_reason) on any exception.
+"""
 
 from __future__ import annotations
 
+import math
+import tempfile
+import time
 from typing import Any
+
+import torch
+from torch import nn
+
+from raymoe.config.errors import ConfigError
+from raymoe.config.load import load_experiment
+from raymoe.config.schema import ExperimentConfig, TrainConfig
+from raymoe.parallel.context import DistContext
+from raymoe.tracking.mlflow_run import NullRun, TrackedRun
+from raymoe.train.device import epoch_seed, make_deterministic, pick_device, seed_everything, set_cpu_threads
+from raymoe.train.step import EpochResult, TrainingDiverged, evaluate, post_step_hooks, train_epoch
+
+# Fields of the config that fix the parameter shapes: a checkpoint made with other values cannot be loaded.
+ARCH_FIELDS = (("data", "name"), ("model", "arch"), ("model", "num_experts"), ("model", "hidden_size"),
+               ("gate", "kind"), ("gate", "hypermoe", "enabled"), ("model", "vit"))
+
+
+class CheckpointMismatch(ConfigError):
+    """A checkpoint does not fit the model this config builds (exit code 2, like any bad input)."""
+
+
+def _get(d: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _arch_differences(saved: dict | None, current: dict, fields=ARCH_FIELDS) -> list[str]:
+    if not saved:
+        return []
+    return [f"{'.'.join(p)}: checkpoint {_get(saved, p)!r} vs config {_get(current, p)!r}"
+            for p in fields if _get(saved, p) != _get(current, p)]
+
+
+def make_optimizer(train: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD over the parameters that train (distillation freezes the experts)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay, momentum=0.9)
+
+
+def build_for(cfg: ExperimentConfig, data, device: torch.device) -> nn.Module:
+    """The model of this config, or the distilled model when train.distill_from is set (paper §1.3 rows 8/9)."""
+    if cfg.train.distill_from is None:
+        from raymoe.models.build import build_model
+
+        model = build_model(cfg, data.num_classes, data.in_channels, data.image_size)
+    else:
+        from raymoe.models.distill import build_distilled
+        from raymoe.train.checkpoint import load_full_state
+
+        path = cfg.train.distill_from
+        try:
+            state_dict, extra = load_full_state(path)
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointMismatch("train.distill_from", path, f"cannot read a checkpoint there: {exc}") from None
+        saved = (extra or {}).get("experiment")
+        if saved is not None:
+            fields = (("data", "name"), ("model", "num_experts"), ("model", "hidden_size"))
+            diffs = _arch_differences(saved, {"data": {"name": cfg.data.name}, "model": {
+                "num_experts": cfg.model.num_experts, "hidden_size": cfg.model.hidden_size}}, fields)
+            if _get(saved, ("gate", "kind")) != "attentive":
+                diffs.append(f"gate.kind: checkpoint {_get(saved, ('gate', 'kind'))!r}, distillation needs 'attentive'")
+            if diffs:
+                raise CheckpointMismatch("train.distill_from", path,
+                                         "checkpoint is from another architecture (" + "; ".join(diffs) + ")")
+        try:
+            model = build_distilled(cfg, state_dict, data.num_classes, data.in_channels, data.image_size)
+        except (RuntimeError, KeyError) as exc:
+            raise CheckpointMismatch("train.distill_from", path,
+                                     f"checkpoint does not fit this model: {str(exc).splitlines()[0]}") from None
+    return model.to(device)
+
+
+def _resume(reporter, loop_config: dict, model, optimizer, ctx: DistContext) -> tuple[int, dict]:
+    """(epochs already done, their last metrics) from the latest checkpoint of this run, or (0, {})."""
+    from raymoe.train.checkpoint import load_checkpoint
+
+    directory = reporter.latest_checkpoint()
+    if directory is None:
+        return 0, {}
+    if loop_config.get("fresh"):  # start over, except after a restart of this same launch (Ray worker failure)
+        from raymoe.train.checkpoint import load_full_state
+
+        _, saved = load_full_state(directory)
+        if (saved or {}).get("launch_id") != loop_config.get("launch_id"):
+            return 0, {}
+    differences = None
+    try:
+        extra = load_checkpoint(directory, model=model, optimizer=optimizer, ctx=ctx) or {}
+    except (RuntimeError, KeyError, ValueError) as exc:
+        differences = str(exc).splitlines()[0]
+        extra = None
+    if extra is not None:
+        diffs = _arch_differences(extra.get("experiment"), loop_config["experiment"])
+        differences = "; ".join(diffs) or None
+    if differences:
+        raise CheckpointMismatch("checkpoint", str(directory),
+                                 f"checkpoint of run {loop_config['run_name']} is from another architecture "
+                                 f"({differences}); start over with --fresh or another name")
+    return int(extra["epoch"]), dict(extra.get("metrics") or {})
+
+
+def _progress_bar(cfg: ExperimentConfig, ctx: DistContext, epoch: int, steps: int):
+    if not (cfg.train.progress and ctx.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="step", leave=False, dynamic_ncols=True)
+
+
+def epoch_metrics(result: EpochResult, test: dict[str, float], eval_seconds: float) -> dict[str, float]:
+    """The per-epoch metric names logged to MLflow (test metrics keep the accumulator's names, except error)."""
+    metrics = {"train_loss": result.loss, "train_error": result.error}
+    for key, value in test.items():
+        metrics["test_error" if key == "error" else key] = value
+    metrics.update({f"reg_{name}": value for name, value in result.parts.items()})
+    metrics.update(epoch_seconds=result.seconds + eval_seconds, train_seconds=result.seconds,
+                   eval_seconds=eval_seconds, samples_per_s=result.samples / max(result.seconds, 1e-9),
+                   data_fraction=result.data_seconds / max(result.seconds, 1e-9))
+    return metrics
+
+
+def _summary_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
+    def f(key: str) -> str:
+        value = m.get(key, math.nan)
+        return f"{value:.4f}"
+
+    return (f"epoch {epoch}/{epochs}: train loss {f('train_loss')} err {f('train_error')} | test err "
+            f"{f('test_error')} I(E;Y) {f('mi_pred_bits')} H_s {f('sample_entropy_bits')} "
+            f"H_u {f('usage_entropy_bits')} | {m.get('samples_per_s', 0):.0f} samples/s")
 
 
 def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
-    """Train one experiment described by `make_loop_config(...)`; returns the final metrics."""
-    raise NotImplementedError("train_fn is being written (helper E)")
+    """Train one experiment; returns the final epoch's metrics (the same dict on every rank).
+
+    Args:
+        loop_config: from `raymoe.train.loop_config.make_loop_config`.
+
+    Raises:
+        ConfigError: bad config, data, or a checkpoint that does not fit (before any MLflow run exists).
+        TrainingDiverged: NaN/inf loss (the MLflow run is then FAILED with the message as reason).
+    """
+    from raymoe.data.batches import eval_batches, train_batches
+    from raymoe.data.datasets import load_dataset
+    from raymoe.train.checkpoint import save_checkpoint
+    from raymoe.train.reporter import make_reporter
+
+    cfg = load_experiment(raw=loop_config["experiment"])
+    run_name = loop_config["run_name"]
+    device = pick_device(cfg.train.device)
+    if device.type == "cpu":
+        set_cpu_threads()
+    make_deterministic(device)
+    seed_everything(cfg.seed)  # same initial weights on every rank: replicated parameters start equal
+    ctx = DistContext.from_env(cfg.scaling.expert_parallel, device)
+    say = print if ctx.is_main else (lambda *a, **k: None)
+
+    data = load_dataset(cfg.data, device)
+    model = build_for(cfg, data, device)
+    if ctx.world_size > 1:
+        from raymoe.parallel.expert_parallel import apply_expert_parallel
+
+        model = apply_expert_parallel(model, ctx) or model
+    optimizer = make_optimizer(cfg.train, model)
+    reporter = make_reporter(ctx, loop_config)
+    done, last_metrics = _resume(reporter, loop_config, model, optimizer, ctx)
+    if done:
+        say(f"resuming {run_name} from epoch {done}", flush=True)
+
+    tracked = NullRun()
+    if ctx.is_main and cfg.tracking.enabled:
+        from raymoe.tracking.environment import describe_environment
+
+        tracked = TrackedRun.open(loop_config, describe_environment(device, ctx.world_size))
+    try:
+        if done >= cfg.train.epochs:
+            say(f"{run_name} already finished {done} epochs (train.epochs = {cfg.train.epochs}); "
+                f"its final metrics are reported again", flush=True)
+            reporter.report(last_metrics, None, done)
+            tracked.finish()
+            return last_metrics
+        hooks = post_step_hooks(model)
+        num_train = len(data.train.y)
+        steps_per_epoch = math.ceil(num_train / cfg.train.batch_size)
+        matrices: dict = {}
+        for epoch in range(done + 1, cfg.train.epochs + 1):
+            # Data order, augmentation and gate noise depend only on (seed, epoch): resuming is bit-identical.
+            generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+            torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
+            batches = train_batches(data.train, cfg.train.batch_size, generator=generator, augment=data.augment,
+                                    rank=ctx.rank, world_size=ctx.world_size)
+            bar = _progress_bar(cfg, ctx, epoch, steps_per_epoch)
+
+            def on_step(step: int, loss: float, accuracy: float, bar=bar) -> None:
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}", refresh=False)
+
+            try:
+                result = train_epoch(model, optimizer, batches, reg_cfg=cfg.regularizer, ctx=ctx, epoch=epoch,
+                                     num_samples=num_train, batch_size=cfg.train.batch_size, hooks=hooks,
+                                     on_step=on_step if bar is not None else None)
+            finally:
+                if bar is not None:
+                    bar.close()
+            start = time.perf_counter()
+            test, matrices = evaluate(model, eval_batches(data.test, cfg.train.eval_batch_size, rank=ctx.rank,
+                                                          world_size=ctx.world_size),
+                                      ctx=ctx, num_experts=cfg.model.num_experts, num_classes=data.num_classes,
+                                      bn_eval=cfg.train.bn_eval)
+            metrics = epoch_metrics(result, test, time.perf_counter() - start)
+            say(_summary_line(epoch, cfg.train.epochs, metrics), flush=True)
+            extra = {"epoch": epoch, "metrics": metrics, "run_name": run_name, "launch_id": loop_config.get("launch_id"),
+                     "experiment": loop_config["experiment"]}
+            with tempfile.TemporaryDirectory(prefix="raymoe-ckpt-") as directory:
+                save_checkpoint(directory, model=model, optimizer=optimizer, epoch=epoch, ctx=ctx, extra=extra)
+                reporter.report(metrics, directory, epoch)
+            tracked.log_metrics(metrics, epoch)
+            last_metrics = metrics
+        if isinstance(tracked, TrackedRun):
+            _log_final_artifacts(tracked, matrices)
+        tracked.finish()
+        return last_metrics
+    except TrainingDiverged as exc:
+        tracked.fail(str(exc))
+        raise
+    except KeyboardInterrupt:
+        tracked.fail("interrupted (KeyboardInterrupt)", status="KILLED")
+        raise
+    except BaseException as exc:
+        tracked.fail(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _log_final_artifacts(tracked: TrackedRun, matrices: dict) -> None:
+    """Figures of the final test-set evaluation plus the raw matrices as JSON (for reports)."""
+    import numpy as np
+
+    from raymoe.tracking.figures import specialization_figures
+
+    if not matrices:
+        return
+    tracked.log_figures(specialization_figures(matrices, "test"))
+    tracked.log_dict({k: np.asarray(v).tolist() for k, v in matrices.items()}, "metrics/test_matrices.json")
+

@@ -8,6 +8,7 @@ checkpoint root) are made absolute here, on the driver.
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ def make_loop_config(cfg: ExperimentConfig, *, run_name: str | None = None, conf
 
     Returns:
         dict with keys experiment, run_name, config_text, config_path, mlflow_parent_run_id, mlflow_tags,
-        checkpoint_root, fresh.
+        checkpoint_root, fresh, launch_id (unique per call: with `fresh`, a restarted Ray worker keeps what this
+        launch wrote and drops only older runs/checkpoints).
     """
     name = run_name or identity_run_name(cfg)  # computed before paths are made absolute (identity uses them)
     experiment = to_dict(cfg)
@@ -73,4 +75,5 @@ def make_loop_config(cfg: ExperimentConfig, *, run_name: str | None = None, conf
         "mlflow_tags": dict(tags or {}),
         "checkpoint_root": os.path.abspath(checkpoint_root or cfg.train.checkpoint_dir),
         "fresh": bool(fresh),
+        "launch_id": uuid.uuid4().hex,
     }
