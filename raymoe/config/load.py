@@ -242,6 +242,20 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
                  "expert choice looks at all tokens of the batch, so it would leak future tokens in a causal model")
         _require(not (g.hypermoe.enabled and g.kind == "expert_choice"), "gate.hypermoe.enabled", True,
                  "HyperMoE needs a per-token unselected set; expert_choice has none (use topk or noisy_topk)")
+        # token-level (raymoe/moe/token) additions
+        _require(g.kind != "softmax", "gate.kind", g.kind,
+                 "token-level MoE layers need a sparse router: topk, noisy_topk, expert_choice or attentive")
+        _require(vit.moe_every <= vit.depth, "model.vit.moe_every", vit.moe_every,
+                 f"must be <= model.vit.depth ({vit.depth}) so at least one block is a MoE layer")
+        _require(not (g.kind == "expert_choice" and g.bias_balance_rate > 0), "gate.bias_balance_rate",
+                 g.bias_balance_rate, "expert choice is balanced by construction; bias balancing needs top-k")
+        _require(not (g.kind == "attentive" and s.expert_parallel > 1), "scaling.expert_parallel",
+                 s.expert_parallel, "the token-level attentive gate reads every expert's hidden layer; "
+                 "it needs all experts on each rank (expert_parallel 1)")
+        _require(r.sample_similarity.beta_s == 0 and r.sample_similarity.beta_d == 0,
+                 "regularizer.sample_similarity", "beta_s/beta_d > 0",
+                 "sample similarity compares whole-image gate outputs; token-level (vit_moe) gates route "
+                 "tokens, so it is not defined there")
     if g.hypermoe.enabled:
         for key in ("expert_embed_dim", "process_dim", "hypernet_input", "hypernet_bottleneck", "layer_embed_dim",
                     "adapter_dim"):

@@ -1,0 +1,45 @@
+"""Build token-level MoE parts from the typed experiment config (gate.*, model.vit.*, model.num_experts)."""
+
+from __future__ import annotations
+
+from raymoe.config.schema import ExperimentConfig, GateConfig
+from raymoe.moe.token.hypermoe import HyperMoE, HyperNetwork
+from raymoe.moe.token.layer import TokenMoE
+from raymoe.moe.token.routers import (AttentiveRouter, ExpertChoiceRouter, NoisyTopKRouter, TokenRouter,
+                                      TopKRouter)
+
+
+def build_router(gate: GateConfig, dim: int, d_ff: int, num_experts: int) -> TokenRouter:
+    """The router named by gate.kind (token level: topk, noisy_topk, expert_choice, attentive)."""
+    rate = gate.bias_balance_rate
+    if gate.kind == "topk":
+        return TopKRouter(dim, num_experts, gate.top_k, gate.renormalize, gate.jitter, gate.temperature, rate)
+    if gate.kind == "noisy_topk":
+        return NoisyTopKRouter(dim, num_experts, gate.top_k, gate.renormalize, gate.noise_eps, gate.temperature,
+                               rate)
+    if gate.kind == "expert_choice":
+        return ExpertChoiceRouter(dim, num_experts, gate.capacity_factor, gate.temperature)
+    if gate.kind == "attentive":
+        return AttentiveRouter(dim, d_ff, num_experts, gate.top_k, gate.renormalize, bias_balance_rate=rate)
+    raise ValueError(f"gate.kind {gate.kind!r} is not a token-level router")
+
+
+def build_hypernet(cfg: ExperimentConfig) -> HyperNetwork | None:
+    """The model's one shared HyperNetwork (None when gate.hypermoe.enabled is false)."""
+    h, vit = cfg.gate.hypermoe, cfg.model.vit
+    if not h.enabled:
+        return None
+    return HyperNetwork(num_layers=vit.depth, dim=vit.dim, input_dim=h.hypernet_input,
+                        bottleneck=h.hypernet_bottleneck, layer_embed_dim=h.layer_embed_dim,
+                        adapter_dim=h.adapter_dim)
+
+
+def build_token_moe(cfg: ExperimentConfig, layer_index: int, hypernet: HyperNetwork | None) -> TokenMoE:
+    """One MoE FFN for block `layer_index` of the ViT."""
+    vit, g, e = cfg.model.vit, cfg.gate, cfg.model.num_experts
+    router = build_router(g, vit.dim, vit.mlp_dim, e)
+    hyper = None
+    if hypernet is not None:
+        hyper = HyperMoE(e, hypernet, g.hypermoe.expert_embed_dim, g.hypermoe.process_dim)
+    capacity = g.capacity_factor if router.token_choice else None  # expert choice took it already
+    return TokenMoE(vit.dim, vit.mlp_dim, e, router, capacity, hyper, vit.num_shared_experts, layer_index)

@@ -1,0 +1,95 @@
+"""Grouped linear layer: row group g of x is multiplied by its own weight w[g] (one GEMM per expert).
+
+`torch._grouped_mm` does all groups in one call where it applies (torch >= 2.9 on CPU, bf16 on Hopper GPUs,
+more where the probe below succeeds); otherwise a loop of addmm over contiguous row slices gives the same
+numbers. The path is chosen per call from availability, dtype and the 16-byte stride rule of the kernel.
+
+Shape legend: R rows grouped by group (group-major), G groups, X input features, Y output features.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Impl = Literal["auto", "grouped_mm", "loop"]
+
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_probe_cache: dict[tuple[str, int | None, torch.dtype], bool] = {}
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    NOTE: grouped_mm's backward rejects stride-0 (expanded) gradients, e.g. from `y.sum().backward()`.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    """The kernel needs a contiguous last dim and every other stride a multiple of 16 bytes."""
+    if t.stride(-1) != 1:
+        return False
+    return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1])
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> bool:
+    """Try a tiny grouped_mm forward + backward once per (device, dtype): kernels differ by arch and version."""
+    key = (device.type, device.index, dtype)
+    if key not in _probe_cache:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                x = torch.ones(24, 16, device=device, dtype=dtype, requires_grad=True)
+                w = torch.ones(2, 16, 8, device=device, dtype=dtype, requires_grad=True)
+                offs = torch.tensor([5, 24], device=device, dtype=torch.int32)  # uneven groups, as in routing
+                y = torch._grouped_mm(x, w, offs=offs)
+                y.backward(torch.ones_like(y))
+            _probe_cache[key] = bool(torch.allclose(y.float(), torch.full_like(y.float(), 16.0)))
+        except (RuntimeError, NotImplementedError, TypeError):
+            _probe_cache[key] = False
+    return _probe_cache[key]
+
+
+def grouped_mm_applies(x_RX: torch.Tensor, w_GXY: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` can run this product (availability, dtype, alignment, working kernel)."""
+    return (hasattr(torch, "_grouped_mm") and x_RX.dtype in _GROUPED_DTYPES and w_GXY.dtype == x_RX.dtype
+            and x_RX.dim() == 2 and w_GXY.dim() == 3 and _aligned(x_RX) and _aligned(w_GXY)
+            and w_GXY.shape[-1] * x_RX.element_size() % 16 == 0  # the output's row stride
+            and _probe(x_RX.device, x_RX.dtype))
+
+
+def grouped_linear(x_RX: torch.Tensor, w_GXY: torch.Tensor, b_GY: torch.Tensor | None, counts: list[int],
+                   impl: Impl = "auto") -> torch.Tensor:
+    """y[rows of group g] = x[rows of group g] @ w[g] + b[g].
+
+    Args:
+        x_RX: rows sorted by group; group g owns the next counts[g] rows.
+        w_GXY: one weight matrix per group.
+        b_GY: one bias per group, or None.
+        counts: rows per group (python ints, len G, summing to R).
+        impl: "grouped_mm", "loop", or "auto" (grouped_mm where it applies, else loop).
+    Returns:
+        y_RY.
+    """
+    if impl == "auto":
+        impl = "grouped_mm" if x_RX.shape[0] > 0 and grouped_mm_applies(x_RX, w_GXY) else "loop"
+    if impl == "grouped_mm":
+        offs_G = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_RX.device)
+        y_RY = _ContiguousGrad.apply(torch._grouped_mm(x_RX, w_GXY, offs=offs_G))
+        if b_GY is not None:
+            counts_G = torch.tensor(counts, device=x_RX.device)
+            y_RY = y_RY + b_GY.repeat_interleave(counts_G, dim=0, output_size=x_RX.shape[0])
+        return y_RY
+    # split/unbind keep one autograd node each (slicing per group would allocate a full-size gradient per slice)
+    xs, ws = x_RX.split(counts), w_GXY.unbind(0)
+    if b_GY is None:
+        return torch.cat([torch.mm(x, w) for x, w in zip(xs, ws)])
+    return torch.cat([torch.addmm(b, x, w) for x, w, b in zip(xs, ws, b_GY.unbind(0))])

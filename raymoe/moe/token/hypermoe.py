@@ -1,0 +1,143 @@
+"""HyperMoE (Zhao et al., ACL 2024, arXiv 2402.12656): a HyperExpert generated from the unselected experts.
+
+Per MoE layer l (computation as in the authors' released code, reference/hypermoe.md §1.2):
+    s_t   = sum_{j not selected by token t} e_j^(l)          expert embeddings, a SUM; router probs do not enter
+    z_t   = W2 ReLU(W1 s_t + c1) + c2                        embedding_process (per layer)
+    h_t   = ReLU(W_h [z_t ; LayerEmbed(l)] + c_h)            HyperNetwork, ONE module shared by all layers
+    W_down, b_down, W_up, b_up = heads(h_t)                  a d x b / b x d bottleneck adapter
+    HyperExpert(x_t) = ReLU(x_t W_down + b_down) W_up + b_up  added to the MoE output (no internal residual)
+
+s_t depends only on the token's *set* of selected experts, so the adapter is generated once per distinct
+unselected set present in the batch (<= E sets for top-1, <= C(E, k) for top-k; found with torch.unique over
+a bitmask code) and applied to the tokens of each set as one grouped GEMM. This is numerically the per-token
+computation of the reference code without its per-token weight generation (observation 1.3(2)).
+The selection is taken *before* capacity dropping, so dropped tokens still get the HyperExpert (obs. 4).
+Hyperfan-in initialisation makes the generated adapter start at ~0, i.e. training starts from the plain MoE.
+
+Shape legend: N tokens, D model dim, E experts, K experts per token, U distinct unselected sets,
+B adapter bottleneck (adapter_dim), I hypernetwork input dim, M expert embedding dim, R tokens sorted by set.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.moe.token.grouped import grouped_linear
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterWeights:
+    """One generated bottleneck adapter per unselected set."""
+
+    w_down_UDB: torch.Tensor
+    b_down_UB: torch.Tensor
+    w_up_UBD: torch.Tensor
+    b_up_UD: torch.Tensor
+
+
+class HyperNetwork(nn.Module):
+    """The cross-layer hypernetwork (the code's ParameterGenerator): [z ; layer embedding] -> adapter weights."""
+
+    def __init__(self, num_layers: int, dim: int, input_dim: int = 128, bottleneck: int = 128,
+                 layer_embed_dim: int = 10, adapter_dim: int = 64):
+        super().__init__()
+        self.dim, self.input_dim, self.adapter_dim, self.num_layers = dim, input_dim, adapter_dim, num_layers
+        self.layer_embed = nn.Embedding(num_layers, layer_embed_dim)
+        self.trunk = nn.Linear(input_dim + layer_embed_dim, bottleneck)
+        self.w_down_head = nn.Linear(bottleneck, dim * adapter_dim)
+        self.b_down_head = nn.Linear(bottleneck, adapter_dim)
+        self.w_up_head = nn.Linear(bottleneck, adapter_dim * dim)
+        self.b_up_head = nn.Linear(bottleneck, dim)
+        self.reset_heads(bottleneck)
+
+    def reset_heads(self, bottleneck: int) -> None:
+        """Hyperfan-in init of the Hyper_MoE code: tiny heads, zero head biases, so the adapter starts ~0."""
+        for head, fan in ((self.w_down_head, self.dim), (self.w_up_head, self.adapter_dim)):
+            bound = 1e-3 * math.sqrt(3 / (bottleneck * fan))
+            nn.init.uniform_(head.weight, -bound, bound)
+        for head in (self.b_down_head, self.b_up_head):
+            bound = 1e-3 * math.sqrt(3 / bottleneck)
+            nn.init.uniform_(head.weight, -bound, bound)
+        for head in (self.w_down_head, self.b_down_head, self.w_up_head, self.b_up_head):
+            nn.init.zeros_(head.bias)
+
+    def forward(self, z_UI: torch.Tensor, layer_index: int) -> AdapterWeights:
+        u, d, b = z_UI.shape[0], self.dim, self.adapter_dim
+        if not 0 <= layer_index < self.num_layers:
+            raise IndexError(f"layer_index {layer_index} outside the hypernetwork's {self.num_layers} layers")
+        layer_UL = self.layer_embed.weight[layer_index].expand(u, -1)
+        h = F.relu(self.trunk(torch.cat([z_UI, layer_UL], dim=-1)))
+        return AdapterWeights(w_down_UDB=self.w_down_head(h).view(u, d, b), b_down_UB=self.b_down_head(h),
+                              w_up_UBD=self.w_up_head(h).view(u, b, d), b_up_UD=self.b_up_head(h))
+
+
+class HyperMoE(nn.Module):
+    """Per-layer HyperMoE part: expert embeddings + embedding_process; uses the model's shared HyperNetwork.
+
+    The HyperNetwork is held by reference, not registered here, so the model that owns it lists its
+    parameters (and checkpoint entries) once. A standalone layer must keep the HyperNetwork's parameters
+    in its optimizer itself.
+    """
+
+    def __init__(self, num_experts: int, hypernet: HyperNetwork, expert_embed_dim: int = 128,
+                 process_dim: int = 128):
+        super().__init__()
+        self.num_experts = num_experts
+        self._hypernet = (hypernet,)  # a tuple hides it from nn.Module registration
+        self.expert_embed = nn.Embedding(num_experts, expert_embed_dim)
+        self.embedding_process = nn.Sequential(nn.Linear(expert_embed_dim, process_dim), nn.ReLU(),
+                                               nn.Linear(process_dim, hypernet.input_dim))
+
+    @property
+    def hypernet(self) -> HyperNetwork:
+        return self._hypernet[0]
+
+    def unselected_sets(self, experts_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distinct selection sets in the batch.
+
+        Args:
+            experts_NK: selected expert ids (distinct per token, all >= 0).
+        Returns:
+            unselected_UE (float 0/1 mask of the experts NOT chosen, one row per distinct set) and
+            set_N (index of each token's set).
+        """
+        e = self.num_experts
+        selected_NE = torch.zeros(experts_NK.shape[0], e, dtype=torch.bool, device=experts_NK.device)
+        selected_NE.scatter_(1, experts_NK, True)
+        if e <= 62:  # one int64 code per set; unique over codes is much cheaper than unique over rows
+            bits_E = torch.ones(e, dtype=torch.long, device=experts_NK.device) << torch.arange(e, device=experts_NK.device)
+            codes_U, set_N = torch.unique((selected_NE.long() * bits_E).sum(-1), return_inverse=True)
+            selected_UE = (codes_U[:, None] & bits_E) != 0
+        else:
+            selected_UE, set_N = torch.unique(selected_NE, dim=0, return_inverse=True)
+        return (~selected_UE).float(), set_N
+
+    def generate(self, unselected_UE: torch.Tensor, layer_index: int) -> AdapterWeights:
+        """s = sum of the unselected experts' embeddings -> embedding_process -> shared hypernetwork."""
+        s_UM = unselected_UE @ self.expert_embed.weight
+        return self.hypernet(self.embedding_process(s_UM), layer_index)
+
+    def forward(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, layer_index: int) -> torch.Tensor:
+        """HyperExpert output per token: the adapter of its unselected set applied to x (the MoE's input).
+
+        Args:
+            x_ND: the tokens entering the MoE layer.
+            experts_NK: the router's choices before capacity dropping.
+            layer_index: this layer's index for the layer embedding.
+        Returns:
+            y_ND, to be added to the MoE output.
+        """
+        unselected_UE, set_N = self.unselected_sets(experts_NK)
+        w = self.generate(unselected_UE, layer_index)
+        order_R = torch.argsort(set_N, stable=True)
+        counts = torch.bincount(set_N, minlength=unselected_UE.shape[0]).tolist()
+        x_RD = x_ND.index_select(0, order_R)
+        dt = x_ND.dtype
+        h_RB = F.relu(grouped_linear(x_RD, w.w_down_UDB.to(dt), w.b_down_UB.to(dt), counts))
+        y_RD = grouped_linear(h_RB, w.w_up_UBD.to(dt), w.b_up_UD.to(dt), counts)
+        return y_RD.new_zeros(y_RD.shape).index_copy(0, order_R, y_RD)
