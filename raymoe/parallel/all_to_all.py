@@ -1,0 +1,95 @@
+"""Expert-parallel dispatch/combine: variable-size all-to-all of (item, expert) pairs within an EP group.
+
+Same interface as LocalDispatcher. Dense gates (every item paired with every expert) make each rank run its
+local experts on the whole EP group's batch; sparse gates send an item only to the ranks owning its experts.
+Dropless: every kept pair travels; dropped pairs (expert id -1) never leave the rank and combine to zeros.
+
+Layouts (e = local expert, s = source rank), after torchtitan's token dispatcher:
+    sent by a rank     : pairs sorted by global expert = destination-rank-major, local-expert-minor
+    received (all2all) : source-major  (s0,e0) (s0,e1) ... (s1,e0) (s1,e1) ...
+    fed to the experts : expert-major  (e0,s0) (e0,s1) ... (e1,s0) (e1,s1) ...   (stable, so s keeps its order)
+
+Shape legend: P pairs on this rank, S rows sent, R rows received, E experts, e local experts, W EP ranks,
+X/Y feature dims (any trailing shape).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from raymoe.parallel.dispatch import DispatchMeta
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with autograd: the backward is the reverse exchange of the gradient rows."""
+
+    @staticmethod
+    def forward(fn_ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        fn_ctx.out_splits, fn_ctx.in_splits, fn_ctx.group = out_splits, in_splits, group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.detach().contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(fn_ctx, grad: torch.Tensor):
+        back = grad.new_empty((sum(fn_ctx.in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), fn_ctx.in_splits, fn_ctx.out_splits, group=fn_ctx.group)
+        return back, None, None, None
+
+
+def all_to_all_autograd(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None) -> torch.Tensor:
+    """Send in_splits[r] leading rows of `x` (in order) to rank r of `group`; receive out_splits[r] from rank r."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+class AllToAllDispatcher:
+    """Experts split evenly over an EP group of ep_size ranks; this rank owns local_experts."""
+
+    def __init__(self, num_experts: int, ep_rank: int, ep_size: int, group=None):
+        if num_experts % ep_size:
+            raise ValueError(f"num_experts ({num_experts}) is not divisible by the EP degree ({ep_size})")
+        self.num_experts, self.ep_rank, self.ep_size, self.group = num_experts, ep_rank, ep_size, group
+        self.per_rank = num_experts // ep_size
+
+    @property
+    def local_experts(self) -> range:
+        return range(self.ep_rank * self.per_rank, (self.ep_rank + 1) * self.per_rank)
+
+    def dispatch(self, x_PX: torch.Tensor, experts_P: torch.Tensor) -> tuple[torch.Tensor, list[int], DispatchMeta]:
+        """Send each kept pair to the rank owning its expert; return rows grouped by local expert.
+
+        Args:
+            x_PX: one row per (item, expert) pair.
+            experts_P: global expert id per row; -1 = dropped.
+        Returns:
+            x_RX rows from the whole EP group grouped by local expert, counts per local expert (python ints), meta.
+        """
+        kept_P = experts_P >= 0
+        kept_idx = kept_P.nonzero().squeeze(1)
+        order_S = kept_idx[torch.argsort(experts_P[kept_idx], stable=True)]
+        send_E = torch.bincount(experts_P[order_S], minlength=self.num_experts)
+        # 1) counts: rank w learns how many rows each source sends to each of its local experts
+        recv_We = torch.empty_like(send_E)
+        dist.all_to_all_single(recv_We, send_E, group=self.group)
+        recv_We = recv_We.view(self.ep_size, self.per_rank)
+        send_splits = send_E.view(self.ep_size, self.per_rank).sum(1).tolist()
+        recv_splits = recv_We.sum(1).tolist()
+        # 2) rows: variable-size exchange, differentiable
+        x_RX = all_to_all_autograd(x_PX[order_S], recv_splits, send_splits, self.group)
+        # 3) source-major -> local-expert-major (stable sort by local expert keeps sources in rank order)
+        local_id_R = torch.arange(self.per_rank, device=x_PX.device).repeat(self.ep_size)
+        local_id_R = local_id_R.repeat_interleave(recv_We.flatten())
+        regroup_R = torch.argsort(local_id_R, stable=True)
+        counts = recv_We.sum(0).tolist()
+        meta = DispatchMeta(order_P=order_S, kept_P=kept_P, num_pairs=experts_P.numel(),
+                            extra={"send_splits": send_splits, "recv_splits": recv_splits, "regroup_R": regroup_R})
+        return x_RX[regroup_R], counts, meta
+
+    def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """Send expert outputs back; return one row per pair in the original order (zeros for dropped pairs)."""
+        extra = meta.extra
+        y_src_RY = torch.empty_like(y_RY).index_copy(0, extra["regroup_R"], y_RY)  # undo step 3
+        y_SY = all_to_all_autograd(y_src_RY, extra["send_splits"], extra["recv_splits"], self.group)
+        out = y_SY.new_zeros((meta.num_pairs, *y_SY.shape[1:]))
+        return out.index_copy(0, meta.order_P, y_SY)

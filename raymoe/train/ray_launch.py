@@ -1,0 +1,108 @@
+"""Run the one training function (raymoe.train.loop.train_fn) on Ray Train workers (Train V2 API).
+
+Re-running the same run name with the same storage resumes it: Train V2 reloads the checkpoint-manager snapshot
+under storage_path/run_name and get_checkpoint() hands the latest checkpoint to the workers.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Sequence
+
+from raymoe.config.schema import ExperimentConfig
+
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def storage_uri(cfg: ExperimentConfig) -> str:
+    """scaling.storage_path as Ray wants it: a URI (s3://, gs://) as is, a local path made absolute."""
+    path = cfg.scaling.storage_path or "ray_results"
+    return path if "://" in path else str(Path(path).expanduser().absolute())
+
+
+def existing_run_epoch(storage: str, run_name: str) -> int | None:
+    """Epoch of the newest checkpoint of an existing run under storage/run_name (0 if none yet), None if no run."""
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    if fs.get_file_info(f"{run_dir}/{SNAPSHOT}").type == pyarrow.fs.FileType.NotFound:
+        return None
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(run_dir, allow_not_found=True))
+    epochs = [int(m.group(1)) for e in entries if (m := _EPOCH_DIR.match(e.base_name))]
+    return max(epochs, default=0)
+
+
+def build_trainer(cfg: ExperimentConfig, loop_config: dict, *, callbacks: Sequence = ()):
+    """A TorchTrainer running train_fn(loop_config) on cfg.scaling.num_workers workers (at least 1).
+
+    Args:
+        cfg: the resolved experiment config (scaling.* and the run's storage).
+        loop_config: the dict from make_loop_config; must hold "run_name". "ray_train": True is added so the
+            loop reports through Ray.
+        callbacks: Ray Train UserCallbacks (e.g. Tune's TuneReportCallback inside a trial).
+    """
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raymoe.train.loop import train_fn
+
+    s = cfg.scaling
+    run_config = ray.train.RunConfig(
+        name=loop_config["run_name"],
+        storage_path=storage_uri(cfg),
+        failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        callbacks=list(callbacks),
+    )
+    return TorchTrainer(
+        train_fn,
+        train_loop_config={**loop_config, "ray_train": True},
+        scaling_config=ray.train.ScalingConfig(num_workers=max(1, s.num_workers), use_gpu=s.use_gpu),
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+    )
+
+
+def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None = None) -> dict:
+    """Train on Ray workers and return the final metrics (rank 0's last report).
+
+    Starts local Ray when no address/RAY_ADDRESS is given (and shuts it down afterwards), says whether the run
+    resumes, and turns a failed run into RuntimeError carrying the workers' tracebacks.
+
+    Raises:
+        ConfigError: unreachable address, or not enough CPUs/GPUs (nothing is started).
+        RuntimeError: the run failed after scaling.max_failures restarts.
+    """
+    import ray
+    from ray.train import TrainingFailedError
+
+    from raymoe.train.ray_session import ensure_ray
+
+    s = cfg.scaling
+    workers = max(1, s.num_workers)
+    started = ensure_ray(address, num_cpus_needed=workers, num_gpus_needed=workers if s.use_gpu else 0)
+    name = loop_config["run_name"]
+    try:
+        storage = storage_uri(cfg)
+        previous = existing_run_epoch(storage, name)
+        where = f"{storage}/{name}"
+        if previous is None:
+            print(f"raymoe: starting run {name} on {workers} Ray Train worker(s) (storage {where})", flush=True)
+        else:
+            print(f"raymoe: resuming run {name} from epoch {previous} (storage {where})", flush=True)
+        trainer = build_trainer(cfg, loop_config)
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as exc:
+            raise RuntimeError(f"Ray Train run {name} failed (scaling.max_failures = {s.max_failures} restart(s) "
+                               f"used up):\n{exc}") from None
+        if result.error is not None:
+            raise RuntimeError(f"Ray Train run {name} failed:\n{result.error}")
+        return dict(result.metrics or {})
+    finally:
+        if started:
+            ray.shutdown()
+
