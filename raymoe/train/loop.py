@@ -8,8 +8,8 @@ try block that marks the run FAILED (reason in the tag raymoe.failure_reason) on
 from __future__ import annotations
 
 import math
-import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,10 +69,10 @@ def build_for(cfg: ExperimentConfig, data, device: torch.device) -> nn.Module:
 
         path = cfg.train.distill_from
         try:
-            state_dict, extra = load_full_state(path)
+            state_dict, extra = load_full_state(_checkpoint_folder(path))
         except (OSError, RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointMismatch("train.distill_from", path, f"cannot read a checkpoint there: {exc}") from None
-        saved = (extra or {}).get("experiment")
+        saved = (extra or {}).get("config")
         if saved is not None:
             fields = (("data", "name"), ("model", "num_experts"), ("model", "hidden_size"))
             diffs = _arch_differences(saved, {"data": {"name": cfg.data.name}, "model": {
@@ -90,6 +90,18 @@ def build_for(cfg: ExperimentConfig, data, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
+def _checkpoint_folder(path: str) -> str:
+    """A checkpoint folder, or a run's folder of `epoch_XXXX` checkpoints (its latest complete one)."""
+    from raymoe.train.checkpoint import is_complete
+
+    if is_complete(path):
+        return path
+    epochs = sorted(p for p in Path(path).glob("epoch_*") if is_complete(p)) if Path(path).is_dir() else []
+    if not epochs:
+        raise FileNotFoundError(f"no complete checkpoint in {path}")
+    return str(epochs[-1])
+
+
 def _resume(reporter, loop_config: dict, model, optimizer, ctx: DistContext) -> tuple[int, dict]:
     """(epochs already done, their last metrics) from the latest checkpoint of this run, or (0, {})."""
     from raymoe.train.checkpoint import load_checkpoint
@@ -103,19 +115,15 @@ def _resume(reporter, loop_config: dict, model, optimizer, ctx: DistContext) -> 
         _, saved = load_full_state(directory)
         if (saved or {}).get("launch_id") != loop_config.get("launch_id"):
             return 0, {}
-    differences = None
     try:
         extra = load_checkpoint(directory, model=model, optimizer=optimizer, ctx=ctx) or {}
+        problem = "; ".join(_arch_differences(extra.get("config"), loop_config["experiment"]))
     except (RuntimeError, KeyError, ValueError) as exc:
-        differences = str(exc).splitlines()[0]
-        extra = None
-    if extra is not None:
-        diffs = _arch_differences(extra.get("experiment"), loop_config["experiment"])
-        differences = "; ".join(diffs) or None
-    if differences:
+        problem = str(exc).splitlines()[0]
+    if problem:
         raise CheckpointMismatch("checkpoint", str(directory),
-                                 f"checkpoint of run {loop_config['run_name']} is from another architecture "
-                                 f"({differences}); start over with --fresh or another name")
+                                 f"cannot resume run {loop_config['run_name']} from it, it is from another "
+                                 f"architecture ({problem}); start over with --fresh")
     return int(extra["epoch"]), dict(extra.get("metrics") or {})
 
 
@@ -229,11 +237,11 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
                                       bn_eval=cfg.train.bn_eval)
             metrics = epoch_metrics(result, test, time.perf_counter() - start)
             say(_summary_line(epoch, cfg.train.epochs, metrics), flush=True)
-            extra = {"epoch": epoch, "metrics": metrics, "run_name": run_name, "launch_id": loop_config.get("launch_id"),
-                     "experiment": loop_config["experiment"]}
-            with tempfile.TemporaryDirectory(prefix="raymoe-ckpt-") as directory:
-                save_checkpoint(directory, model=model, optimizer=optimizer, epoch=epoch, ctx=ctx, extra=extra)
-                reporter.report(metrics, directory, epoch)
+            extra = {"metrics": metrics, "run_name": run_name, "launch_id": loop_config.get("launch_id"),
+                     "config": loop_config["experiment"]}
+            folder = reporter.staging_dir(epoch)
+            save_checkpoint(folder, model=model, optimizer=optimizer, epoch=epoch, ctx=ctx, extra=extra)
+            reporter.report(metrics, folder, epoch)
             tracked.log_metrics(metrics, epoch)
             last_metrics = metrics
         if isinstance(tracked, TrackedRun):
