@@ -28,8 +28,16 @@ def _token_available() -> bool:
 
 
 def _enable_token_auth_if_possible() -> None:
-    if "RAY_AUTH_MODE" not in os.environ and _token_available():
-        os.environ["RAY_AUTH_MODE"] = "token"
+    """Client side of token auth for joining an existing cluster (a new local one is handled by ray.init)."""
+    if "RAY_AUTH_MODE" in os.environ or not _token_available():
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its config at import; refresh it as ray's own _enable_token_auth does
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except Exception:  # noqa: BLE001 - private API; the env var alone still covers child processes
+        pass
 
 
 def _check_reachable(address: str, source: str) -> None:
@@ -64,22 +72,31 @@ def ensure_ray(address: str | None, num_cpus_needed: int, num_gpus_needed: int =
     """
     import ray
 
-    started = False
+    started = connected = False
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         source = "--address" if address and address != os.environ.get("RAY_ADDRESS") else "RAY_ADDRESS"
-        _enable_token_auth_if_possible()
         if address:
+            _enable_token_auth_if_possible()
             _check_reachable(address, source)
             try:
                 ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
             except ConnectionError as exc:
                 raise ConfigError(source, address, f"could not connect to the Ray cluster: {exc}") from None
+            connected = True
         else:
+            if num_cpus_needed > local_cpus() and not os.environ.get("RAYMOE_SKIP_RESOURCE_CHECK"):
+                _raise_short(num_cpus_needed, num_gpus_needed, [f"the job needs {num_cpus_needed} CPUs (one per "
+                             f"Train worker) but the local Ray instance would have {local_cpus()}"], True)
             ray.init(num_cpus=local_cpus(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                      configure_logging=True)
             started = True
-    _check_resources(num_cpus_needed, num_gpus_needed, started)
+    try:
+        _check_resources(num_cpus_needed, num_gpus_needed, started)
+    except ConfigError:
+        if started or connected:
+            ray.shutdown()  # leave nothing running (or connected) that this call set up
+        raise
     return started
 
 
@@ -109,9 +126,12 @@ def _check_resources(cpus: int, gpus: int, started: bool) -> None:
     if gpus > have_gpus:
         problems.append(f"the job needs {gpus} GPUs but {where} has {have_gpus}")
     if problems:
-        if started:
-            ray.shutdown()  # leave nothing running
-            hint = f" (this machine has {os.cpu_count()} cores; RAYMOE_LOCAL_CPUS raises the local limit)"
-        else:
-            hint = " (on an autoscaling cluster set RAYMOE_SKIP_RESOURCE_CHECK=1)"
-        raise ConfigError("scaling", f"{cpus} CPU, {gpus} GPU", "; ".join(problems) + hint)
+        _raise_short(cpus, gpus, problems, started)
+
+
+def _raise_short(cpus: int, gpus: int, problems: list[str], local: bool) -> None:
+    if local:
+        hint = f" (this machine has {os.cpu_count()} cores; RAYMOE_LOCAL_CPUS raises the local limit)"
+    else:
+        hint = " (on an autoscaling cluster set RAYMOE_SKIP_RESOURCE_CHECK=1)"
+    raise ConfigError("scaling", f"{cpus} CPU, {gpus} GPU", "; ".join(problems) + hint)

@@ -1,0 +1,109 @@
+"""AllToAllDispatcher on 2 real Ray Train workers (gloo) against hand-worked routing and LocalDispatcher.
+
+4 experts, EP = 2: rank 0 owns experts 0-1, rank 1 owns experts 2-3. Row values encode (rank, pair index) as
+100 * rank + index, so the expected layouts can be written down by hand.
+Shape legend: P pairs on a rank, R rows at a rank's experts, X = (2, 3) features, Y = 4 outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ep_harness import run_on_workers
+from raymoe.parallel.context import DistContext
+from raymoe.parallel.dispatch import LocalDispatcher
+
+E = 4
+# case name -> experts_P per rank (-1 = dropped by capacity)
+CASES = {
+    "mixed": ([3, 0, -1, 2, 0], [1, 1, 2]),
+    "rank1_sends_nothing": ([0, 2, 3, 2], [-1, -1]),
+    "rank0_has_no_pairs": ([], [3, 0, 0]),
+}
+# hand-worked: (rows at rank 0's experts, counts), (rows at rank 1's experts, counts), as first feature values
+EXPECTED = {
+    "mixed": (([1, 4, 100, 101], [2, 2]), ([3, 102, 0], [2, 1])),
+    "rank1_sends_nothing": (([0], [1, 0]), ([1, 3, 2], [2, 1])),
+    "rank0_has_no_pairs": (([101, 102], [2, 0]), ([100], [0, 1])),
+}
+
+
+def _pairs(rank: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose every feature is 100 * rank + pair index (+ a small ramp so features differ)."""
+    base = torch.tensor([100.0 * rank + i for i in range(len(experts))])
+    x_PX = base.view(-1, 1, 1) + torch.linspace(0, 0.5, 6).view(1, 2, 3)
+    return x_PX, torch.tensor(experts, dtype=torch.long)
+
+
+def _expert_fn(w_EXY: torch.Tensor, x_RX: torch.Tensor, counts: list[int], first: int) -> torch.Tensor:
+    """Expert e maps a row to flatten(x) @ W_e (rows grouped by local expert)."""
+    parts = [chunk.flatten(1) @ w_EXY[first + i] for i, chunk in enumerate(x_RX.split(counts))]
+    return torch.cat(parts) if parts else x_RX.new_zeros((0, w_EXY.shape[-1]))
+
+
+def _exchange_on_workers(ctx: DistContext, config: dict) -> dict:
+    from raymoe.parallel.all_to_all import AllToAllDispatcher
+
+    dispatcher = AllToAllDispatcher(E, ctx.ep_rank, ctx.ep_size, None)
+    results = {}
+    for name, per_rank in CASES.items():
+        x_PX, experts_P = _pairs(ctx.rank, per_rank[ctx.rank])
+        x_PX.requires_grad_()
+        w_EXY = config["w_EXY"].clone().requires_grad_()
+        x_RX, counts, meta = dispatcher.dispatch(x_PX, experts_P)
+        y_PY = dispatcher.combine(_expert_fn(w_EXY, x_RX, counts, dispatcher.local_experts.start), meta)
+        (y_PY * config["upstream"][name][ctx.rank]).sum().backward()
+        results[name] = {"rows": x_RX.detach()[:, 0, 0].tolist(), "counts": counts, "y": y_PY.detach(),
+                         "grad_x": x_PX.grad.clone(), "grad_w": w_EXY.grad.clone()}
+    return results
+
+
+@pytest.fixture(scope="module")
+def exchange(tmp_path_factory):
+    torch.manual_seed(0)
+    w_EXY = torch.randn(E, 6, 4)
+    upstream = {name: [torch.randn(len(p), 4) for p in per_rank] for name, per_rank in CASES.items()}
+    config = {"w_EXY": w_EXY, "upstream": upstream}
+    return config, run_on_workers(_exchange_on_workers, tmp_path_factory.mktemp("dispatch"), config=config)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rows_and_counts_match_hand_worked_routing(exchange, case):
+    _, results = exchange
+    for rank in (0, 1):
+        rows, counts = EXPECTED[case][rank]
+        assert results[rank][case]["counts"] == counts
+        assert results[rank][case]["rows"] == pytest.approx(rows)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_local_dispatcher_on_the_global_pairs(exchange, case):
+    """Concatenating both ranks' pairs on one process: same counts, rows, outputs and gradients."""
+    config, results = exchange
+    xs, es = zip(*(_pairs(r, CASES[case][r]) for r in (0, 1)))
+    x_PX = torch.cat(xs).requires_grad_()
+    experts_P = torch.cat(es)
+    w_EXY = config["w_EXY"].clone().requires_grad_()
+    local = LocalDispatcher(E)
+    x_RX, counts, meta = local.dispatch(x_PX, experts_P)
+    y_PY = local.combine(_expert_fn(w_EXY, x_RX, counts, 0), meta)
+    (y_PY * torch.cat(config["upstream"][case])).sum().backward()
+
+    assert results[0][case]["counts"] + results[1][case]["counts"] == counts
+    assert results[0][case]["rows"] + results[1][case]["rows"] == pytest.approx(x_RX[:, 0, 0].tolist())
+    n0 = len(CASES[case][0])
+    for rank, rows in ((0, slice(0, n0)), (1, slice(n0, None))):
+        torch.testing.assert_close(results[rank][case]["y"], y_PY.detach()[rows], atol=1e-6, rtol=0)
+        torch.testing.assert_close(results[rank][case]["grad_x"], x_PX.grad[rows], atol=1e-6, rtol=0)
+    # each rank's expert weights only get gradient from rows routed to its own experts, from both ranks
+    torch.testing.assert_close(results[0][case]["grad_w"][:2], w_EXY.grad[:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[1][case]["grad_w"][2:], w_EXY.grad[2:], atol=1e-5, rtol=0)
+    assert results[0][case]["grad_w"][2:].abs().sum() == 0 and results[1][case]["grad_w"][:2].abs().sum() == 0
+
+
+def test_dropped_pairs_combine_to_zero(exchange):
+    _, results = exchange
+    assert results[0]["mixed"]["y"][2].abs().sum() == 0  # pair 2 of rank 0 had expert -1
+    assert results[1]["rank1_sends_nothing"]["y"].abs().sum() == 0
+    assert results[1]["rank1_sends_nothing"]["grad_x"].abs().sum() == 0
