@@ -1,0 +1,253 @@
+"""Run a checked sweep: Ray Tune over Train-driver trials, an MLflow parent run, resume, and the final report.
+
+Order (nothing is started or logged before every check has passed):
+  sweep folder free (or --resume with a restorable one) -> tracking store writable -> Ray up with enough
+  resources -> MLflow parent -> Tuner.fit / Tuner.restore(...).fit -> reconcile children -> report on the parent.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raymoe.config.errors import ConfigError
+from raymoe.train.loop_config import absolute_tracking_uri
+from raymoe.tune.sweep_load import Sweep
+
+DEFAULT_STORAGE = "ray_results/sweeps"
+# Train V2 controller settings for many short runs: poll workers more often than every 2 s (reports and the end
+# of a run are noticed sooner) and skip the preemption-watcher actor (one process less per trial start).
+TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    sweep_dir: str
+    parent_run_id: str | None
+    tracking_uri: str
+    experiment: str
+    interrupted: bool = False
+    trials: list[tuple[str, str, str | None]] = field(default_factory=list)  # (trial id, Tune status, error)
+    timings: dict[str, float] = field(default_factory=dict)  # driver phases in seconds (bench)
+    report: Any = None
+
+    @property
+    def num_errors(self) -> int:
+        return sum(1 for _, status, _ in self.trials if status == "ERROR")
+
+
+def sweep_dir_for(name: str, storage_root: str | os.PathLike = DEFAULT_STORAGE) -> Path:
+    return Path(storage_root).expanduser().resolve() / name
+
+
+def tracking_target(sweep: Sweep) -> tuple[str, str]:
+    """(absolute tracking URI, experiment) every trial logs to; grid rows must agree."""
+    raws = [sweep.base_raw] if sweep.base_raw is not None else list(sweep.row_raws.values())
+    from raymoe.config.load import load_experiment
+
+    targets = {(absolute_tracking_uri(c.tracking.uri), c.tracking.experiment)
+               for c in (load_experiment(raw=raw) for raw in raws)}
+    if len(targets) > 1:
+        raise ConfigError("tracking", sorted(targets), "the grid's presets log to different tracking stores; set "
+                                                       "tracking.uri and tracking.experiment in the sweep file")
+    return targets.pop()
+
+
+def _absolute_paths(raw: dict[str, Any]) -> dict[str, Any]:
+    """Trials run in other working directories: pin data.root (default ./data) and checkpoint paths now."""
+    raw = copy.deepcopy(raw)
+    data = raw.setdefault("data", {})
+    data["root"] = os.path.abspath(os.path.expanduser(data.get("root") or "data"))
+    train = raw.setdefault("train", {})
+    if train.get("distill_from"):
+        train["distill_from"] = os.path.abspath(os.path.expanduser(train["distill_from"]))
+    return raw
+
+
+def check_sweep_dir(sweep_dir: Path, resume: bool) -> None:
+    from ray.tune import Tuner
+
+    if resume:
+        if not sweep_dir.exists():
+            raise ConfigError("--resume", str(sweep_dir), "no sweep of that name to resume (run without --resume)")
+        if not Tuner.can_restore(str(sweep_dir)):
+            raise ConfigError("--resume", str(sweep_dir), "the sweep folder holds no Tune state to restore; "
+                                                          "remove it or pick another name")
+    elif sweep_dir.exists():
+        raise ConfigError("name", sweep_dir.name, f"a sweep of that name exists in {sweep_dir}; pass --resume to "
+                                                  f"finish it, or pick another name (--name NEW_NAME)")
+
+
+def start_ray(sweep: Sweep, address: str | None) -> tuple[bool, int]:
+    """Connect/start Ray, fail fast when a trial cannot fit; returns (started here, default concurrency)."""
+    from raymoe.train.ray_session import ensure_ray
+    from raymoe.tune.resources import TrialNeed, alive_nodes, check_fits, default_concurrency
+
+    for key, value in TRAIN_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)  # inherited by a local Ray instance's trial and controller processes
+    need = TrialNeed.of(sweep.config.resources)
+    try:
+        started = ensure_ray(address, num_cpus_needed=max(1, int(need.num_workers * need.cpus_per_worker + 0.999)),
+                             num_gpus_needed=int(need.gpus + 0.999))
+    except ConfigError as exc:
+        raise ConfigError("resources", exc.value, exc.problem) from None
+    nodes = alive_nodes()
+    try:
+        check_fits(need, nodes)
+    except ConfigError:
+        if started:
+            import ray
+
+            ray.shutdown()
+        raise
+    return started, default_concurrency(need, nodes)
+
+
+def _tune_config(sweep: Sweep, concurrency: int):
+    import optuna
+    import ray.tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raymoe.config.load import flatten, to_dict
+    from raymoe.tune.searcher import SeedRepeatSearch
+    from raymoe.tune.space import DefineByRun
+
+    cfg = sweep.config
+    if cfg.strategy == "grid":
+        return ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=True)
+    metric = cfg.metrics[0] if len(cfg.metrics) == 1 else cfg.metrics
+    mode = cfg.modes[0] if len(cfg.modes) == 1 else cfg.modes
+    if cfg.sampler == "nsga2":
+        sampler = optuna.samplers.NSGAIISampler(seed=cfg.sampler_seed)
+    elif cfg.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=cfg.sampler_seed)
+    else:  # multivariate + group model the conditional space jointly; constant liar spreads parallel suggestions
+        sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed, multivariate=True, group=True,
+                                             constant_liar=True, n_startup_trials=min(10, cfg.num_samples))
+    space = DefineByRun(sweep.space, flatten(to_dict(sweep.base)))
+    inner = OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
+    search = SeedRepeatSearch(inner, cfg.seed_list, metric, mode)
+    scheduler = None
+    if cfg.scheduler is not None and cfg.scheduler.asha is not None:
+        asha = cfg.scheduler.asha
+        scheduler = ray.tune.schedulers.ASHAScheduler(
+            metric=metric, mode=mode, time_attr="training_iteration", max_t=asha.max_t or sweep.epochs,
+            grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
+    return ray.tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=sweep.num_trials,
+                               max_concurrent_trials=concurrency, reuse_actors=True)
+
+
+def _param_space(sweep: Sweep) -> dict[str, Any]:
+    import ray.tune
+
+    from raymoe.tune.searcher import POINT_KEY
+
+    if sweep.config.strategy == "grid":
+        return {POINT_KEY: ray.tune.grid_search([p.as_config() for p in sweep.points])}
+    return {}
+
+
+def _trial_states(results) -> list[tuple[str, str, str | None]]:
+    out = []
+    for trial in results._experiment_analysis.trials:  # ResultGrid has no public per-trial status
+        error = None
+        if trial.status == "ERROR" and trial.error_file and os.path.isfile(trial.error_file):
+            lines = [line for line in Path(trial.error_file).read_text().splitlines() if line.strip()]
+            error = lines[-1][:2000] if lines else None
+        out.append((trial.trial_id, trial.status, error))
+    return out
+
+
+def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
+              storage_root: str | os.PathLike = DEFAULT_STORAGE, max_concurrent: int | None = None,
+              timing_dir: str | None = None, report_dir: str | os.PathLike | None = None,
+              shutdown: bool = True) -> SweepOutcome:
+    """Run (or resume) a sweep to the end and write its report; see the module docstring for the order.
+
+    Args:
+        sweep: from load_sweep.
+        resume: continue the sweep folder of this name (Tuner.restore + the same MLflow parent).
+        address: Ray cluster address; None = RAY_ADDRESS or a local instance.
+        storage_root: sweeps live in <storage_root>/<name> (made absolute).
+        max_concurrent: overrides the sweep's max_concurrent_trials.
+        timing_dir: trials write their start/end times there (bench).
+        report_dir: where the report files go; default ./reports/<name>.
+        shutdown: stop a Ray instance this call started.
+
+    Raises:
+        ConfigError: the folder exists without --resume, the store is unwritable, resources cannot fit.
+    """
+    import ray
+    import ray.tune
+
+    from raymoe.tune import mlflow_sweep
+    from raymoe.tune.report import build_report
+    from raymoe.tune.trial import TrialPlan, run_trial
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    sweep_dir = sweep_dir_for(sweep.name, storage_root)
+    check_sweep_dir(sweep_dir, resume)
+    uri, experiment = tracking_target(sweep)
+    problem = mlflow_sweep.tracking_problem(uri)
+    if problem:
+        raise ConfigError("tracking.uri", uri, problem)
+    timings["checks_s"] = time.perf_counter() - t0
+    started, derived = start_ray(sweep, address)
+    timings["ray_start_s"] = time.perf_counter() - t0 - timings["checks_s"]
+    try:
+        concurrency = max_concurrent or sweep.config.max_concurrent_trials or derived
+        parent = mlflow_sweep.open_parent(sweep, uri, experiment, sweep_dir, resume)
+        plan = TrialPlan(
+            sweep_name=sweep.name, strategy=sweep.config.strategy, parent_run_id=parent.run_id, tracking_uri=uri,
+            experiment=experiment, storage_path=str(sweep_dir / "train"),
+            base_raw=_absolute_paths(sweep.base_raw) if sweep.base_raw is not None else None,
+            applied=[k for k, spec in sweep.space.items() if spec.apply],
+            row_raws={k: _absolute_paths(v) for k, v in sweep.row_raws.items()}, timing_dir=timing_dir)
+        trainable = _trainable(plan, sweep, run_trial)
+        timings["setup_s"] = time.perf_counter() - t0 - timings["checks_s"] - timings["ray_start_s"]
+        print(f"raymoe tune: sweep {sweep.name}: {sweep.num_trials} trial(s), up to {concurrency} at once; "
+              f"MLflow parent run {parent.run_id} in {uri} (experiment {experiment!r})", flush=True)
+        fit_start = time.perf_counter()
+        if resume:
+            tuner = ray.tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
+        else:
+            tuner = ray.tune.Tuner(
+                trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, concurrency),
+                run_config=ray.tune.RunConfig(
+                    name=sweep.name, storage_path=str(sweep_dir.parent), verbose=1,
+                    failure_config=ray.tune.FailureConfig(max_failures=sweep.config.max_failures, fail_fast=False)))
+        results = tuner.fit()
+        timings["fit_s"] = time.perf_counter() - fit_start
+        trials = _trial_states(results)
+        outcome = SweepOutcome(sweep.name, str(sweep_dir), parent.run_id, uri, experiment, trials=trials,
+                               timings=timings)
+        unfinished = [t for t in trials if t[1] not in ("TERMINATED", "ERROR")]
+        if unfinished or len(trials) < sweep.num_trials:
+            outcome.interrupted = True
+            mlflow_sweep.finish_parent(parent, "KILLED", {"raymoe.interrupted": "true"})
+            return outcome
+        mlflow_sweep.reconcile_children(plan, trials)
+        end = time.perf_counter()
+        outcome.report = build_report(uri, experiment, sweep.name, parent_run_id=parent.run_id,
+                                      out_dir=report_dir, log_to_parent=True)
+        timings["report_s"] = time.perf_counter() - end
+        mlflow_sweep.finish_parent(parent, "FINISHED")
+        return outcome
+    finally:
+        if started and shutdown:
+            ray.shutdown()
+
+
+def _trainable(plan, sweep: Sweep, run_trial):
+    import ray.tune
+
+    from raymoe.tune.resources import TRIAL_DRIVER_CPUS
+
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_DRIVER_CPUS})

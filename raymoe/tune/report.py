@@ -1,0 +1,310 @@
+"""A sweep's report, read back from MLflow: all trials, the best trial (or Pareto front), mean +- std over seeds,
+and for grid sweeps the paper-style table (specialization-paper.md §4.5).
+
+Paper table, per method category: the run with the LOWEST TRAINING error is selected; the table gives its test
+error, I(E;Y) (mi_pred_bits), H_s (sample_entropy_bits) and H_u (usage_entropy_bits), and the std of the test
+error over every run of the category (all hyperparameter values and seeds; ddof=1, as pandas' .std()).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raymoe.tune.trial import (CATEGORY_TAG, PARAMS_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SWEEP_TAG, TRIAL_ID_TAG,
+                               TRIAL_INDEX_TAG)
+
+TABLE_METRICS = ("test_error", "train_error", "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits")
+SHORT = {"test_error": "test err", "train_error": "train err", "mi_pred_bits": "I(E;Y)",
+         "sample_entropy_bits": "H_s", "usage_entropy_bits": "H_u"}
+
+
+@dataclass
+class TrialRow:
+    index: int
+    run_name: str
+    run_id: str
+    status: str  # MLflow status: FINISHED / FAILED / KILLED / RUNNING
+    point: str
+    seed: str
+    category: str | None
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    epochs: int
+    note: str = ""  # failure reason or "stopped early"
+
+    def as_point(self) -> dict[str, Any]:
+        return {"index": self.index, **self.params, **self.metrics}
+
+
+@dataclass
+class SweepReport:
+    name: str
+    parent_run_id: str
+    strategy: str
+    metrics: list[str]
+    modes: list[str]
+    rows: list[TrialRow]
+    best: list[TrialRow]  # one row (single objective) or the Pareto front
+    seed_table: list[dict[str, Any]] = field(default_factory=list)
+    paper_table: list[dict[str, Any]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def param_names(self) -> list[str]:
+        names: list[str] = []
+        for row in self.rows:
+            names.extend(k for k in row.params if k not in names)
+        return names
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def find_parent(client, name: str, experiment: str | None = None):
+    """The newest parent run of sweep `name` (in `experiment`, or in any experiment); None if there is none."""
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        ids = [found.experiment_id] if found is not None else []
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return None
+    runs = client.search_runs(ids, filter_string=f"tags.`{SWEEP_TAG}` = '{name}' and tags.`{ROLE_TAG}` = 'sweep'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def collect_rows(client, parent) -> list[TrialRow]:
+    """One row per child run of the parent, ordered by Tune trial index."""
+    from raymoe.tracking.mlflow_run import FAILURE_TAG
+    from raymoe.tune.mlflow_sweep import STOPPED_EARLY_TAG, sweep_children
+
+    rows = []
+    for run in sweep_children(client, parent.info.experiment_id, parent.info.run_id):
+        tags = run.data.tags
+        history = client.get_metric_history(run.info.run_id, "test_error")
+        note = tags.get(FAILURE_TAG, "")
+        if tags.get(STOPPED_EARLY_TAG) == "true":
+            note = "stopped early (ASHA)"
+        rows.append(TrialRow(
+            index=int(tags.get(TRIAL_INDEX_TAG, -1)), run_name=run.info.run_name, run_id=run.info.run_id,
+            status=run.info.status, point=tags.get(POINT_TAG, ""), seed=tags.get(SEED_TAG, ""),
+            category=tags.get(CATEGORY_TAG), params=json.loads(tags.get(PARAMS_TAG, "{}")),
+            metrics={k: v for k, v in run.data.metrics.items()}, epochs=len({m.step for m in history}), note=note))
+        rows[-1].params.pop("trial_id", None)
+    return sorted(rows, key=lambda r: (r.index, r.run_name))
+
+
+def best_rows(rows: list[TrialRow], metrics: list[str], modes: list[str]) -> list[TrialRow]:
+    from raymoe.tune.plots import pareto_front
+
+    done = [r for r in rows if r.status == "FINISHED" and all(_finite(r.metrics.get(m)) for m in metrics)]
+    if not done:
+        return []
+    if len(metrics) == 1:
+        sign = 1.0 if modes[0] == "min" else -1.0
+        return [min(done, key=lambda r: sign * r.metrics[metrics[0]])]
+    by_index = {id(r): r for r in done}
+    front = pareto_front([{**r.metrics, "_id": id(r)} for r in done], metrics, modes)
+    return [by_index[p["_id"]] for p in front]
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def seed_table(rows: list[TrialRow]) -> list[dict[str, Any]]:
+    """Mean and std over seeds of each point (grid: the grid point; optuna: the sampled point), finished runs."""
+    groups: dict[str, list[TrialRow]] = {}
+    for row in rows:
+        if row.status == "FINISHED":
+            groups.setdefault(row.point, []).append(row)
+    table = []
+    for point, members in groups.items():
+        entry: dict[str, Any] = {"point": point, "category": members[0].category or "", "n_seeds": len(members)}
+        if not members[0].category:
+            entry["params"] = json.dumps(members[0].params, sort_keys=True)
+        for metric in TABLE_METRICS:
+            mean, std = _mean_std([r.metrics[metric] for r in members if _finite(r.metrics.get(metric))])
+            entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
+        table.append(entry)
+    return table
+
+
+def paper_table(rows: list[TrialRow]) -> list[dict[str, Any]]:
+    """Spec §4.5: per category, the finished run with the lowest training error, plus the category's test-error std."""
+    categories: dict[str, list[TrialRow]] = {}
+    for row in rows:
+        if row.category and row.status == "FINISHED":
+            categories.setdefault(row.category, []).append(row)
+    table = []
+    for category, members in categories.items():
+        ranked = [r for r in members if _finite(r.metrics.get("train_error"))]
+        if not ranked:
+            continue
+        pick = min(ranked, key=lambda r: r.metrics["train_error"])
+        test_errors = [r.metrics["test_error"] for r in members if _finite(r.metrics.get("test_error"))]
+        table.append({"category": category, "selected": pick.point, "seed": pick.seed, "run": pick.run_name,
+                      **{m: pick.metrics.get(m, math.nan) for m in TABLE_METRICS},
+                      "test_error_std": statistics.stdev(test_errors) if len(test_errors) > 1 else math.nan,
+                      "n_runs": len(members)})
+    return table
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown(table: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not table:
+        return "(no rows)\n"
+    columns = columns or list(table[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in table:
+        lines.append("| " + " | ".join(_fmt(row.get(c, "")).replace("|", "/") for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def text_table(table: list[dict[str, Any]], columns: list[str] | None = None) -> str:
+    if not table:
+        return "(no rows)"
+    columns = columns or list(table[0])
+    cells = [[_fmt(row.get(c, ""))[:48] for c in columns] for row in table]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, table: list[dict[str, Any]]) -> None:
+    columns: list[str] = []
+    for row in table:
+        columns.extend(k for k in row if k not in columns)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+
+
+def trials_table(report: SweepReport) -> list[dict[str, Any]]:
+    metrics = list(dict.fromkeys([*report.metrics, *TABLE_METRICS]))
+    table = []
+    for row in report.rows:
+        entry: dict[str, Any] = {"trial": row.index, "status": row.status, "point": row.point, "seed": row.seed}
+        if report.strategy == "grid":
+            entry["category"] = row.category or ""
+        entry.update({p: row.params.get(p, "") for p in report.param_names})
+        entry.update({SHORT.get(m, m): row.metrics.get(m, math.nan) for m in metrics})
+        entry.update(epochs=row.epochs, note=row.note[:120].replace("\n", " "), run=row.run_name)
+        table.append(entry)
+    return table
+
+
+def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: str | None = None,
+                 out_dir: str | Path | None = None, log_to_parent: bool = True) -> SweepReport:
+    """Read the sweep from MLflow, write CSV/Markdown/PNG into out_dir (default ./reports/<name>) and log them.
+
+    Raises:
+        ConfigError: no sweep of that name in the tracking store.
+    """
+    from raymoe.config.errors import ConfigError
+    from raymoe.tracking.mlflow_run import client_for
+    from raymoe.tune import plots
+
+    client = client_for(uri)
+    parent = client.get_run(parent_run_id) if parent_run_id else find_parent(client, name, experiment)
+    if parent is None:
+        where = f"experiment {experiment!r}" if experiment else "any experiment"
+        raise ConfigError("sweep", name, f"no sweep of that name in {uri} ({where})")
+    params = parent.data.params
+    metrics, modes = params.get("metric", "test_error").split(","), params.get("mode", "min").split(",")
+    rows = collect_rows(client, parent)
+    strategy = parent.data.tags.get("raymoe.strategy", params.get("strategy", "optuna"))
+    report = SweepReport(name, parent.info.run_id, strategy, metrics, modes, rows, best_rows(rows, metrics, modes))
+    report.seed_table = seed_table(rows) if any(t["n_seeds"] > 1 for t in seed_table(rows)) else []
+    report.paper_table = paper_table(rows) if strategy == "grid" else []
+
+    out = Path(out_dir or Path("reports") / name).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    trials = trials_table(report)
+    files = {"trials.csv": trials, "trials.md": trials}
+    if report.seed_table:
+        files.update({"seeds.csv": report.seed_table, "seeds.md": report.seed_table})
+    if report.paper_table:
+        files.update({"paper_table.csv": report.paper_table, "paper_table.md": report.paper_table})
+    for filename, table in files.items():
+        path = out / filename
+        if filename.endswith(".csv"):
+            _write_csv(path, table)
+        else:
+            path.write_text(f"# sweep {name}: {filename[:-3].replace('_', ' ')}\n\n{markdown(table)}")
+    best = [{"trial": r.index, "run": r.run_name, "run_id": r.run_id, "params": r.params,
+             **{m: r.metrics.get(m) for m in metrics}} for r in report.best]
+    (out / "best.json").write_text(json.dumps(best, indent=2, default=str))
+    points = [r.as_point() for r in rows if r.status == "FINISHED"]
+    figures = {"metric_vs_trial.png": plots.metric_vs_trial(points, metrics[0], modes[0]),
+               "parallel_coordinates.png": plots.parallel_coordinates(points, report.param_names, metrics[0])}
+    if len(metrics) > 1:
+        figures["pareto_front.png"] = plots.pareto_plot(points, metrics, modes)
+    if report.paper_table:
+        figures["paper_table.png"] = plots.category_bars(report.paper_table)
+    for filename, fig in figures.items():
+        fig.savefig(out / filename)
+    report.files = sorted(str(p) for p in out.iterdir() if p.is_file())
+    if log_to_parent:
+        _log_to_parent(client, report, out)
+    return report
+
+
+def _log_to_parent(client, report: SweepReport, out: Path) -> None:
+    from raymoe.tracking.mlflow_run import _retry
+
+    run_id = report.parent_run_id
+    _retry(client.log_artifacts, run_id, str(out), "report")
+    tags = {"raymoe.num_trials": str(len(report.rows)),
+            "raymoe.num_finished": str(sum(r.status == "FINISHED" for r in report.rows)),
+            "raymoe.num_failed": str(sum(r.status == "FAILED" for r in report.rows))}
+    if report.best:
+        best = report.best[0]
+        tags.update({"raymoe.best_run_id": best.run_id, "raymoe.best_run_name": best.run_name,
+                     "raymoe.best_params": json.dumps(best.params, sort_keys=True, default=str)[:5000]})
+        tags.update({f"best.param.{k}": str(v)[:5000] for k, v in best.params.items()})
+        for metric in TABLE_METRICS:
+            if _finite(best.metrics.get(metric)):
+                _retry(client.log_metric, run_id, f"best_{metric}", best.metrics[metric])
+        if len(report.metrics) > 1:
+            tags["raymoe.pareto_runs"] = ",".join(r.run_name for r in report.best)[:5000]
+    for key, value in tags.items():
+        _retry(client.set_tag, run_id, key, value)
+
+
+def format_report(report: SweepReport) -> str:
+    """The text `raymoe report` prints."""
+    parts = [f"sweep {report.name} ({report.strategy}): {len(report.rows)} trial(s), "
+             f"{sum(r.status == 'FINISHED' for r in report.rows)} finished, "
+             f"{sum(r.status == 'FAILED' for r in report.rows)} failed", "", text_table(trials_table(report))]
+    if report.best:
+        label = "best trial" if len(report.metrics) == 1 else "Pareto front"
+        parts += ["", f"{label} ({', '.join(f'{m} {o}' for m, o in zip(report.metrics, report.modes))}):"]
+        for row in report.best:
+            values = ", ".join(f"{m} {row.metrics[m]:.4g}" for m in report.metrics)
+            parts.append(f"  trial {row.index} ({row.run_name}): {values}; params {json.dumps(row.params, default=str)}")
+    if report.seed_table:
+        parts += ["", "mean +- std over seeds:", text_table(report.seed_table)]
+    if report.paper_table:
+        parts += ["", "paper table (per category: the run with the lowest training error; std = test error over "
+                      "the category):", text_table(report.paper_table)]
+    if report.files:
+        parts += ["", f"files: {Path(report.files[0]).parent}"]
+    return "\n".join(parts)

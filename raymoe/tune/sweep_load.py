@@ -1,0 +1,327 @@
+"""Sweep YAML -> checked `Sweep`: as strict as experiments (ConfigError naming the field path; nothing started).
+
+Besides types and unknown keys, the space is checked against the experiment schema: every applied path
+must exist, and the extreme values of every parameter (low, high, each choice) are pushed through
+`load_experiment` on the base, so a value the experiment would reject on its own is a sweep error now,
+not a failed trial later. Errors that only arise from a *combination* of values are left to the trial.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raymoe.config.errors import ConfigError
+from raymoe.config.load import apply_overrides, flatten, from_dict, load_experiment, read_yaml, to_dict
+from raymoe.config.schema import ExperimentConfig
+from raymoe.tune.grid import GridPoint, expand_grid, expand_row, row_category
+from raymoe.tune.sweep_schema import LOOP_METRICS, ParamSpec, SweepConfig
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class Sweep:
+    """A checked sweep: the typed config plus everything resolved from it (plain, picklable data)."""
+
+    config: SweepConfig
+    path: str | None  # absolute path of the sweep file (None for an inline mapping)
+    text: str  # the sweep file as written (logged as an artifact on the parent run)
+    base_raw: dict[str, Any] | None  # optuna: the base experiment with the sweep's fixed overrides applied
+    base: ExperimentConfig | None  # optuna: base_raw checked
+    space: dict[str, ParamSpec] = field(default_factory=dict)
+    row_raws: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid: preset path -> raw with overrides
+    points: list[GridPoint] = field(default_factory=list)  # grid: every trial
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def num_trials(self) -> int:
+        if self.config.strategy == "grid":
+            return len(self.points)
+        return self.config.num_samples * len(self.config.seed_list)
+
+    @property
+    def epochs(self) -> int:
+        if self.base is not None:
+            return self.base.train.epochs
+        return max(load_experiment(raw=raw).train.epochs for raw in self.row_raws.values())
+
+
+def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] = (),
+               raw: dict[str, Any] | None = None, name: str | None = None) -> Sweep:
+    """Read and check a sweep file.
+
+    Args:
+        path: the sweep YAML (relative `base:` / `rows[].method` paths resolve against its folder).
+        overrides: extra experiment overrides (`--set a.b=v`), applied after the file's `overrides:`.
+        raw: an inline sweep mapping instead of a file (relative paths resolve against the cwd).
+        name: replaces the sweep's `name`.
+
+    Raises:
+        ConfigError: naming the sweep field path (e.g. `space.train.lr.low`) and the bad value.
+    """
+    if raw is None:
+        if path is None:
+            raise ConfigError("sweep", None, "give a sweep file")
+        path = Path(path).resolve()
+        if not path.is_file():
+            raise ConfigError("sweep", str(path), "file not found")
+        text = path.read_text()
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError("sweep", str(path), f"not valid YAML: {exc}".replace("\n", " ")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError("sweep", str(path), "must hold a mapping")
+        folder = path.parent
+    else:
+        raw = copy.deepcopy(raw)
+        text = yaml.safe_dump(raw, sort_keys=False)
+        folder = Path.cwd()
+    if name is not None:
+        raw["name"] = name
+    extra = _override_dict(overrides)
+    cfg = from_dict(SweepConfig, raw)
+    cfg.overrides = {**cfg.overrides, **extra}
+    _check_top_level(cfg)
+    sweep_path = str(path) if path is not None else None
+    if cfg.strategy == "grid":
+        return _load_grid(cfg, folder, sweep_path, text)
+    return _load_optuna(cfg, folder, sweep_path, text)
+
+
+def _override_dict(overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    from raymoe.config.load import parse_override
+
+    return dict(parse_override(item) for item in overrides)
+
+
+def _require(ok: bool, path: str, value: Any, problem: str) -> None:
+    if not ok:
+        raise ConfigError(path, value, problem)
+
+
+def _check_top_level(cfg: SweepConfig) -> None:
+    _require(bool(_NAME.match(cfg.name)), "name", cfg.name,
+             "must start with a letter or digit and hold only letters, digits, '_', '.', '-'")
+    metrics, modes = cfg.metrics, cfg.modes
+    _require(len(metrics) >= 1, "metric", cfg.metric, "give at least one metric")
+    for i, metric in enumerate(metrics):
+        where = "metric" if isinstance(cfg.metric, str) else f"metric[{i}]"
+        _require(metric in LOOP_METRICS, where, metric, f"unknown metric; the training loop reports {list(LOOP_METRICS)}")
+    _require(len(set(metrics)) == len(metrics), "metric", cfg.metric, "lists a metric twice")
+    _require(len(modes) == len(metrics), "mode", cfg.mode,
+             f"needs one of min/max per metric ({len(metrics)} metric(s), {len(modes)} mode(s))")
+    _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
+    seeds = cfg.seed_list
+    _require(len(seeds) >= 1, "seeds", cfg.seeds, "must be >= 1 (a count) or a non-empty list")
+    _require(all(s >= 0 for s in seeds), "seeds", cfg.seeds, "seeds must be >= 0")
+    _require(len(set(seeds)) == len(seeds), "seeds", cfg.seeds, "lists a seed twice")
+    if cfg.scheduler is not None and cfg.scheduler.asha is not None:
+        asha = cfg.scheduler.asha
+        _require(len(metrics) == 1, "scheduler.asha", "asha",
+                 "ASHA stops trials on one metric; drop it for a multi-objective sweep")
+        _require(asha.max_t is None or asha.max_t >= 1, "scheduler.asha.max_t", asha.max_t, "must be >= 1")
+        _require(asha.grace_period >= 1, "scheduler.asha.grace_period", asha.grace_period, "must be >= 1")
+        _require(asha.max_t is None or asha.grace_period <= asha.max_t, "scheduler.asha.grace_period",
+                 asha.grace_period, f"must be <= max_t ({asha.max_t})")
+        _require(asha.reduction_factor > 1, "scheduler.asha.reduction_factor", asha.reduction_factor, "must be > 1")
+    res = cfg.resources
+    _require(res.num_workers >= 1, "resources.num_workers", res.num_workers,
+             "must be >= 1 (each trial is a Ray Train run)")
+    _require(res.cpus_per_worker > 0, "resources.cpus_per_worker", res.cpus_per_worker, "must be > 0")
+    if res.gpus_per_worker is not None:
+        _require(res.use_gpu, "resources.gpus_per_worker", res.gpus_per_worker, "set resources.use_gpu: true too")
+        _require(0 < res.gpus_per_worker <= 1 or float(res.gpus_per_worker).is_integer(),
+                 "resources.gpus_per_worker", res.gpus_per_worker, "must be a fraction in (0, 1] or a whole number")
+    _require(cfg.max_concurrent_trials is None or cfg.max_concurrent_trials >= 1, "max_concurrent_trials",
+             cfg.max_concurrent_trials, "must be >= 1 (or null to derive it from the cluster)")
+    _require(cfg.max_failures >= 0, "max_failures", cfg.max_failures, "must be >= 0")
+    if cfg.strategy == "grid":
+        _require(not cfg.space, "space", "...", "a grid sweep lists rows, not a space (or use strategy: optuna)")
+        _require(bool(cfg.rows), "rows", cfg.rows, "a grid sweep needs at least one row")
+    else:
+        _require(not cfg.rows, "rows", "...", "rows belong to strategy: grid")
+        _require(cfg.base is not None, "base", None, "an optuna sweep needs a base experiment (mapping or path)")
+        _require(bool(cfg.space), "space", cfg.space, "empty: nothing to search")
+
+
+def _fixed_overrides(cfg: SweepConfig) -> dict[str, Any]:
+    """Settings every trial gets: the file's overrides, resources, tracking; no progress bars in trials."""
+    fixed = {"scaling.num_workers": cfg.resources.num_workers, "scaling.use_gpu": cfg.resources.use_gpu,
+             "train.progress": False}
+    if cfg.tracking.uri is not None:
+        fixed["tracking.uri"] = cfg.tracking.uri
+    if cfg.tracking.experiment is not None:
+        fixed["tracking.experiment"] = cfg.tracking.experiment
+    return {**fixed, **cfg.overrides}
+
+
+def _resolve_experiment(raw: dict[str, Any], fixed: dict[str, Any], where: str) -> tuple[dict, ExperimentConfig]:
+    """Apply the sweep's fixed overrides and check; errors are re-labelled under `where` (e.g. `base`)."""
+    try:
+        with_fixed = apply_overrides(raw, fixed)
+    except ConfigError as exc:
+        raise ConfigError(f"overrides.{exc.path}", exc.value, exc.problem) from None
+    try:
+        return with_fixed, load_experiment(raw=with_fixed)
+    except ConfigError as exc:
+        label = f"overrides.{exc.path}" if exc.path in fixed else f"{where}.{exc.path}"
+        raise ConfigError(label, exc.value, exc.problem) from None
+
+
+def _load_optuna(cfg: SweepConfig, folder: Path, path: str | None, text: str) -> Sweep:
+    if isinstance(cfg.base, str):
+        base_raw = read_yaml(folder / cfg.base, "base")
+    else:
+        base_raw = copy.deepcopy(cfg.base)
+    base_raw.setdefault("name", cfg.name)
+    base_raw, base = _resolve_experiment(base_raw, _fixed_overrides(cfg), "base")
+    space = _parse_space(cfg.space, base_raw, flatten(to_dict(base)))
+    return Sweep(config=cfg, path=path, text=text, base_raw=base_raw, base=base, space=space)
+
+
+def _parse_space(raw_space: dict[str, Any], base_raw: dict, static: dict[str, Any]) -> dict[str, ParamSpec]:
+    space: dict[str, ParamSpec] = {}
+    for key, raw_spec in raw_space.items():
+        where = f"space.{key}"
+        _require(isinstance(key, str) and bool(key), "space", key, "parameter names must be non-empty strings")
+        spec = from_dict(ParamSpec, raw_spec, where)
+        _check_spec(key, spec, where)
+        _check_conditions(key, spec, space, static, where)
+        if spec.apply:
+            try:
+                apply_overrides(base_raw, {key: None})  # the path must exist in the experiment schema
+            except ConfigError as exc:
+                raise ConfigError(where, key, f"not an experiment setting ({exc.problem}); "
+                                  "use apply: false for a sweep-only switch") from None
+            _check_extremes(key, spec, space, base_raw, where)
+        else:
+            _require("." not in key and key not in static, where, key,
+                     "a sweep-only switch (apply: false) needs a plain name that is not a config path")
+        space[key] = spec
+    return space
+
+
+def _check_spec(key: str, spec: ParamSpec, where: str) -> None:
+    if spec.type == "categorical":
+        _require(spec.choices is not None and len(spec.choices) > 0, f"{where}.choices", spec.choices,
+                 "a categorical parameter needs a non-empty list of choices")
+        for i, choice in enumerate(spec.choices):
+            _require(choice is None or isinstance(choice, (str, int, float, bool)), f"{where}.choices[{i}]", choice,
+                     "choices must be plain values (string, number, bool, null)")
+        _require(len({repr(c) for c in spec.choices}) == len(spec.choices), f"{where}.choices", spec.choices,
+                 "lists a choice twice")
+        for extra in ("low", "high", "step"):
+            _require(getattr(spec, extra) is None, f"{where}.{extra}", getattr(spec, extra),
+                     "only int/float/loguniform parameters take low/high/step")
+        _require(not spec.log, f"{where}.log", spec.log, "only numeric parameters can be log-scaled")
+        return
+    _require(spec.choices is None, f"{where}.choices", spec.choices, f"a {spec.type} parameter takes low/high, not choices")
+    _require(spec.low is not None, f"{where}.low", None, "required for numeric parameters")
+    _require(spec.high is not None, f"{where}.high", None, "required for numeric parameters")
+    for bound in ("low", "high", "step"):
+        value = getattr(spec, bound)
+        _require(value is None or math.isfinite(value), f"{where}.{bound}", value, "must be finite")
+        if spec.type == "int":
+            _require(value is None or isinstance(value, int), f"{where}.{bound}", value, "must be an integer")
+    _require(spec.low <= spec.high, f"{where}.high", spec.high, f"must be >= low ({spec.low})")
+    log = spec.log or spec.type == "loguniform"
+    if log:
+        _require(spec.low > 0, f"{where}.low", spec.low, "a log-scaled range must be > 0")
+        _require(spec.step is None, f"{where}.step", spec.step, "step and log scale exclude each other")
+    if spec.step is not None:
+        _require(spec.step > 0, f"{where}.step", spec.step, "must be > 0")
+        _require(spec.step <= spec.high - spec.low or spec.low == spec.high, f"{where}.step", spec.step,
+                 f"is larger than the range [{spec.low}, {spec.high}]")
+
+
+def _check_conditions(key: str, spec: ParamSpec, earlier: dict[str, ParamSpec], static: dict[str, Any],
+                      where: str) -> None:
+    for path, wanted in spec.when.items():
+        cond = f"{where}.when.{path}"
+        _require(path != key, cond, wanted, "a parameter cannot depend on itself")
+        values = wanted if isinstance(wanted, list) else [wanted]
+        _require(len(values) > 0, cond, wanted, "give a value or a non-empty list of values")
+        if path in earlier:
+            parent = earlier[path]
+            if parent.type == "categorical":
+                unreachable = [v for v in values if v not in parent.choices]
+                _require(not unreachable, cond, wanted,
+                         f"{unreachable} can never be sampled (choices of {path}: {parent.choices}); "
+                         "the parameter would never be active")
+        elif path in static:
+            _require(static[path] in values, cond, wanted,
+                     f"{path} is fixed to {static[path]!r} by the base and not searched, so this never holds")
+        else:
+            _require(False, cond, wanted, "must name an earlier parameter of the space (declaration order) "
+                     "or a config path of the base experiment")
+
+
+def _extremes(spec: ParamSpec) -> list[Any]:
+    if spec.type == "categorical":
+        return list(spec.choices)
+    return [spec.low, spec.high]
+
+
+def _condition_values(spec: ParamSpec, earlier: dict[str, ParamSpec]) -> dict[str, Any]:
+    """One value per condition on an applied parameter, so the extreme-value check sees an active point."""
+    out = {}
+    for path, wanted in spec.when.items():
+        if path in earlier and not earlier[path].apply:
+            continue
+        out[path] = wanted[0] if isinstance(wanted, list) else wanted
+    return out
+
+
+def _check_extremes(key: str, spec: ParamSpec, earlier: dict[str, ParamSpec], base_raw: dict, where: str) -> None:
+    context = _condition_values(spec, earlier)
+    for value in _extremes(spec):
+        try:
+            load_experiment(raw=base_raw, overrides={**context, key: value})
+        except ConfigError as exc:
+            if exc.path == key or exc.path.startswith(key + "."):  # this value is bad on its own
+                raise ConfigError(where, value, exc.problem) from None
+            # other paths: a combination problem; the trial with that combination fails with the reason
+
+
+def _load_grid(cfg: SweepConfig, folder: Path, path: str | None, text: str) -> Sweep:
+    fixed = _fixed_overrides(cfg)
+    row_raws: dict[str, dict[str, Any]] = {}
+    for i, row in enumerate(cfg.rows):
+        where = f"rows[{i}]"
+        method = (folder / row.method).resolve()
+        _require(method.is_file(), f"{where}.method", row.method, f"preset file not found ({method})")
+        raw = read_yaml(method, f"{where}.method")
+        raw, _ = _resolve_experiment(raw, fixed, f"{where}.method")
+        for key, values in row.grid.items():
+            _require(isinstance(values, list) and len(values) > 0, f"{where}.grid.{key}", values,
+                     "give a non-empty list of values")
+            try:
+                apply_overrides(raw, {key: None})
+            except ConfigError as exc:
+                raise ConfigError(f"{where}.grid.{key}", key, f"not an experiment setting ({exc.problem})") from None
+        for point in expand_row(row):  # a grid is finite: check every point exactly as the trial will
+            try:
+                load_experiment(raw=raw, overrides={**point, "seed": cfg.seed_list[0]})
+            except ConfigError as exc:
+                label = f"{where}.grid.{exc.path}" if exc.path in point else f"{where}.method.{exc.path}"
+                raise ConfigError(label, exc.value, f"{exc.problem} (grid point {point})") from None
+        row_raws[str(method)] = raw
+    categories = [row_category(row) for row in cfg.rows]
+    dupes = sorted({c for c in categories if categories.count(c) > 1})
+    _require(not dupes, "rows", dupes, "two rows share a category; set rows[].category to tell them apart")
+    points = expand_grid(cfg.rows, cfg.seed_list, folder)
+    return Sweep(config=cfg, path=path, text=text, base_raw=None, base=None, row_raws=row_raws, points=points)

@@ -1,0 +1,97 @@
+"""Typed sweep config: a base experiment plus a search space (Optuna) or the paper's grid rows.
+
+A sweep file maps 1:1 onto `SweepConfig`; strict types and unknown keys are checked by the experiment
+loader's `from_dict`, cross-field rules by `raymoe.tune.sweep_load.load_sweep`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ParamType = Literal["categorical", "int", "float", "loguniform"]
+Mode = Literal["min", "max"]
+
+# Per-epoch metrics that train_fn (raymoe.train.loop) logs to MLflow and reports to Tune from rank 0.
+LOOP_METRICS = (
+    "test_error", "train_error", "test_loss", "train_loss",
+    "mi_pred_bits", "mi_true_bits", "sample_entropy_bits", "usage_entropy_bits",
+)
+
+
+@dataclass(kw_only=True, slots=True)
+class ParamSpec:
+    type: ParamType
+    choices: list[Any] | None = None  # categorical only
+    low: int | float | None = None  # int / float / loguniform (inclusive)
+    high: int | float | None = None
+    step: int | float | None = None  # discretisation; not with log
+    log: bool = False  # log-uniform (loguniform implies it)
+    when: dict[str, Any] = field(default_factory=dict)  # {earlier param or config path: value or [values]}; all hold
+    apply: bool = True  # False = a sweep-only switch (sampled, recorded, used in `when`), not a config path
+
+
+@dataclass(kw_only=True, slots=True)
+class GridRow:
+    method: str  # a preset experiment file, relative to the sweep file (tune_configs/paper/<ds>/*.yaml)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted config path -> values (cartesian product)
+    category: str | None = None  # table row label; None = the preset file's stem
+
+
+@dataclass(kw_only=True, slots=True)
+class AshaConfig:
+    max_t: int | None = None  # epochs; None = the base experiment's train.epochs
+    grace_period: int = 1
+    reduction_factor: float = 2.0
+
+
+@dataclass(kw_only=True, slots=True)
+class SchedulerConfig:
+    asha: AshaConfig | None = None
+
+
+@dataclass(kw_only=True, slots=True)
+class ResourcesConfig:
+    num_workers: int = 1  # Ray Train workers per trial (sets scaling.num_workers)
+    use_gpu: bool = False  # sets scaling.use_gpu
+    gpus_per_worker: float | None = None  # fractional packs small trials on one GPU; None = 1 when use_gpu
+    cpus_per_worker: float = 1.0
+
+
+@dataclass(kw_only=True, slots=True)
+class SweepTrackingConfig:
+    uri: str | None = None  # None = the base experiment's tracking.uri
+    experiment: str | None = None  # None = the base experiment's tracking.experiment
+
+
+@dataclass(kw_only=True, slots=True)
+class SweepConfig:
+    name: str  # ray_results/sweeps/<name>, MLflow parent run name, `raymoe report <name>`
+    strategy: Literal["optuna", "grid"] = "optuna"
+    base: str | dict[str, Any] | None = None  # experiment: inline mapping or a YAML path relative to the sweep file
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted path -> value on the base (or every grid row)
+    space: dict[str, Any] = field(default_factory=dict)  # dotted path -> ParamSpec (declaration order = sample order)
+    rows: list[GridRow] = field(default_factory=list)  # grid strategy only
+    metric: str | list[str] = "test_error"  # a list -> multi-objective (Pareto front)
+    mode: Mode | list[Mode] = "min"
+    num_samples: int = 10  # sampled points (each runs once per seed)
+    seeds: int | list[int] = 1  # N -> seeds 0..N-1; each point is one trial per seed
+    sampler: Literal["tpe", "nsga2", "random"] = "tpe"
+    sampler_seed: int = 0
+    scheduler: SchedulerConfig | None = None
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    max_concurrent_trials: int | None = None  # None = cluster resources // per-trial need
+    max_failures: int = 0  # retries of a failed trial (Tune FailureConfig); failed trials never stop the sweep
+    tracking: SweepTrackingConfig = field(default_factory=SweepTrackingConfig)
+
+    @property
+    def metrics(self) -> list[str]:
+        return [self.metric] if isinstance(self.metric, str) else list(self.metric)
+
+    @property
+    def modes(self) -> list[str]:
+        return [self.mode] if isinstance(self.mode, str) else list(self.mode)
+
+    @property
+    def seed_list(self) -> list[int]:
+        return list(range(self.seeds)) if isinstance(self.seeds, int) else list(self.seeds)

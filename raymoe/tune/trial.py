@@ -1,0 +1,120 @@
+"""The Tune trial function: a Ray Train *driver* (Train V2 pattern, ray-stack.md §2).
+
+Each trial resolves its experiment (base + the sampled values, checked by load_experiment), builds the same
+TorchTrainer as `raymoe train` with a TuneReportCallback (constructed here, inside the Tune session), and
+fits it. Its run_name is `<sweep>-<trial id>`: stable across `--resume` (Tune keeps trial ids), so the Ray
+Train run reloads its snapshot and train_fn reopens the same MLflow child run instead of making another.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raymoe.tune.searcher import POINT_KEY, SEED_KEY
+
+# MLflow tags every trial's child run carries (the report reads them back).
+SWEEP_TAG = "raymoe.sweep"
+ROLE_TAG = "raymoe.role"
+TRIAL_ID_TAG = "raymoe.trial_id"
+TRIAL_INDEX_TAG = "raymoe.trial_index"
+POINT_TAG = "raymoe.point"
+SEED_TAG = "raymoe.seed"
+PARAMS_TAG = "raymoe.sweep_params"
+CATEGORY_TAG = "raymoe.category"
+
+
+@dataclass
+class TrialPlan:
+    """What every trial of one sweep shares (plain data, shipped once through tune.with_parameters)."""
+
+    sweep_name: str
+    strategy: str  # "optuna" | "grid"
+    parent_run_id: str
+    tracking_uri: str  # absolute
+    experiment: str
+    storage_path: str  # Ray Train runs go to <storage_path>/<run_name>
+    base_raw: dict[str, Any] | None = None  # optuna
+    applied: list[str] = field(default_factory=list)  # optuna: space names that are config paths
+    row_raws: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid: preset path -> raw experiment
+    timing_dir: str | None = None  # where each trial drops `<trial id>.json` with its start/end times (bench)
+
+
+def trial_index(trial_id: str) -> int:
+    """Tune trial ids are `<experiment hex>_<counter>`; the counter orders trials by creation."""
+    tail = trial_id.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def resolve_trial(config: dict[str, Any], plan: TrialPlan) -> tuple[dict, dict[str, Any], dict[str, str]]:
+    """(raw experiment, overrides, MLflow tags) of one trial's Tune config."""
+    if plan.strategy == "grid":
+        point = config[POINT_KEY]
+        raw = plan.row_raws[point["method"]]
+        overrides = {**point["overrides"], "seed": point["seed"]}
+        tags = {POINT_TAG: point["label"], SEED_TAG: str(point["seed"]), CATEGORY_TAG: point["category"],
+                PARAMS_TAG: json.dumps(point["overrides"], sort_keys=True, default=str)}
+        return raw, overrides, tags
+    sampled = {k: v for k, v in config.items() if k not in (POINT_KEY, SEED_KEY)}
+    overrides = {k: v for k, v in sampled.items() if k in plan.applied}
+    overrides["seed"] = config[SEED_KEY]
+    tags = {POINT_TAG: str(config[POINT_KEY]), SEED_TAG: str(config[SEED_KEY]),
+            PARAMS_TAG: json.dumps(sampled, sort_keys=True, default=str)}
+    return plan.base_raw, overrides, tags
+
+
+def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
+    """Tune function trainable: one training run of the sweep (see module docstring)."""
+    import ray.tune
+
+    from raymoe.config.errors import ConfigError
+    from raymoe.config.load import load_experiment
+    from raymoe.train.loop_config import make_loop_config
+    from raymoe.tune import mlflow_sweep
+
+    started = time.time()
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = f"{plan.sweep_name}-{trial_id}"
+    raw, overrides, tags = resolve_trial(config, plan)
+    tags.update({SWEEP_TAG: plan.sweep_name, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
+                 TRIAL_INDEX_TAG: str(trial_index(trial_id))})
+    overrides.update({"tracking.uri": plan.tracking_uri, "tracking.experiment": plan.experiment,
+                      "scaling.storage_path": plan.storage_path})
+    try:
+        cfg = load_experiment(raw=raw, overrides=overrides)
+    except ConfigError as exc:  # an invalid sampled combination: this trial fails, the sweep goes on
+        mlflow_sweep.record_failed_child(plan, run_name, tags, f"invalid config: {exc}", overrides)
+        raise
+    loop_config = make_loop_config(cfg, run_name=run_name, parent_run_id=plan.parent_run_id, tags=tags,
+                                   checkpoint_root=str(Path(plan.storage_path) / "local"))
+    try:
+        _fit(cfg, loop_config)
+    except Exception as exc:  # not SystemExit: that is Tune stopping the trial (ASHA), reconciled by the driver
+        # train_fn marks its own run FAILED; this covers failures before it opened one (data, workers, OOM kill)
+        mlflow_sweep.record_failed_child(plan, run_name, tags, f"{type(exc).__name__}: {exc}", overrides)
+        raise
+    finally:
+        _write_timing(plan, trial_id, run_name, started)
+
+
+def _fit(cfg, loop_config: dict[str, Any]) -> None:
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raymoe.train.ray_launch import build_trainer
+
+    trainer = build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()])
+    result = trainer.fit()
+    if getattr(result, "error", None) is not None:
+        raise result.error
+
+
+def _write_timing(plan: TrialPlan, trial_id: str, run_name: str, started: float) -> None:
+    if plan.timing_dir is None:
+        return
+    path = Path(plan.timing_dir) / f"{trial_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"trial_id": trial_id, "run_name": run_name, "started": started,
+                                "ended": time.time()}))

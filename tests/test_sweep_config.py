@@ -1,0 +1,241 @@
+"""Sweep files: valid ones load, malformed ones name the field path, the define-by-run space honours its
+conditions (sampled offline with Optuna, no Ray), seeds repeat points, and the paper grids expand exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from raymoe.cli import main as cli_main
+from raymoe.config.errors import ConfigError
+from raymoe.tune.space import DefineByRun
+from raymoe.tune.sweep_load import load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = {
+    "gate.kind": {"type": "categorical", "choices": ["softmax", "attentive", "topk", "noisy_topk"]},
+    "gate.top_k": {"type": "int", "low": 1, "high": 3, "when": {"gate.kind": ["topk", "noisy_topk"]}},
+    "reg": {"type": "categorical", "choices": ["none", "importance", "sample_similarity"], "apply": False},
+    "regularizer.importance": {"type": "float", "low": 0.2, "high": 1.0, "when": {"reg": "importance"}},
+    "regularizer.sample_similarity.beta_s": {"type": "loguniform", "low": 1e-7, "high": 1e-5,
+                                             "when": {"reg": "sample_similarity"}},
+    "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "train.batch_size": {"type": "int", "low": 64, "high": 256, "step": 64},
+}
+
+
+def _sweep(**changes) -> dict:
+    raw = {"name": "s", "base": {"name": "b", "train": {"epochs": 2}}, "space": dict(SPACE),
+           "metric": "test_error", "mode": "min", "num_samples": 4}
+    raw.update(changes)
+    return raw
+
+
+def _write(tmp_path: Path, raw: dict, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("name", ["fmnist_gates", "demo_fmnist", "vit_routers"])
+def test_shipped_sweep_files_load(name):
+    sweep = load_sweep(ROOT / "tune_configs" / "sweeps" / f"{name}.yaml")
+    assert sweep.name == name and sweep.num_trials >= 6 and sweep.space
+
+
+def test_base_as_relative_path_and_overrides(tmp_path):
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "e.yaml").write_text("name: e\ntrain:\n  epochs: 7\n  lr: 0.01\n")
+    raw = _sweep(base="exp/e.yaml", overrides={"train.epochs": 3}, seeds=[3, 5])
+    sweep = load_sweep(_write(tmp_path, raw), overrides=["data.train_limit=100"])
+    assert sweep.base.train.epochs == 3 and sweep.base.train.lr == 0.01
+    assert sweep.base.data.train_limit == 100
+    assert sweep.base.scaling.num_workers == 1  # resources.num_workers default: every trial is a Train run
+    assert sweep.num_trials == 4 * 2
+
+
+@pytest.mark.parametrize(
+    "changes, path",
+    [
+        ({"spaces": {}}, "spaces"),                                                   # unknown top-level key
+        ({"space": {}}, "space"),                                                     # empty space
+        ({"space": {"train.lr": {"type": "float", "low": 0.1, "high": 0.01}}}, "space.train.lr.high"),  # low > high
+        ({"space": {"gate.kind": {"type": "categorical", "choices": []}}}, "space.gate.kind.choices"),
+        ({"space": {"gate.kindd": {"type": "categorical", "choices": ["softmax"]}}}, "space.gate.kindd"),
+        ({"space": {"gate.kind": {"type": "categorical", "choices": ["softmax", "dense"]}}}, "space.gate.kind"),
+        ({"space": {"train.lr": {"type": "loguniform", "low": 0.0, "high": 0.1}}}, "space.train.lr.low"),
+        ({"space": {"train.lr": {"type": "float", "lo": 0.0, "high": 0.1}}}, "space.train.lr.lo"),
+        ({"space": {"gate.top_k": {"type": "int", "low": 1, "high": 9}}}, "space.gate.top_k"),  # > num_experts
+        ({"space": {"train.epochs": {"type": "int", "low": 1.5, "high": 3}}}, "space.train.epochs.low"),
+        ({"space": {"gate.top_k": {"type": "int", "low": 1, "high": 2, "when": {"gate.knd": "topk"}}}},
+         "space.gate.top_k.when.gate.knd"),
+        ({"space": {"gate.kind": {"type": "categorical", "choices": ["topk"]},
+                    "gate.top_k": {"type": "int", "low": 1, "high": 2, "when": {"gate.kind": "softmax"}}}},
+         "space.gate.top_k.when.gate.kind"),                                           # condition can never hold
+        ({"metric": "accuracy"}, "metric"),
+        ({"metric": ["test_error", "mi_pred_bits"], "mode": "min"}, "mode"),
+        ({"metric": ["test_error", "mi_pred_bits"], "mode": ["min", "max"],
+          "scheduler": {"asha": {"grace_period": 1}}}, "scheduler.asha"),
+        ({"resources": {"num_workers": 0}}, "resources.num_workers"),
+        ({"resources": {"gpus_per_worker": 0.5}}, "resources.gpus_per_worker"),       # without use_gpu
+        ({"name": "a/b"}, "name"),
+        ({"base": None}, "base"),
+        ({"base": {"name": "b", "gate": {"kind": "dense"}}}, "base.gate.kind"),
+        ({"overrides": {"train.epoch": 2}}, "overrides.train.epoch"),
+        ({"seeds": 0}, "seeds"),
+        ({"strategy": "grid"}, "space"),                                               # grid takes rows
+    ],
+)
+def test_malformed_sweeps_name_the_field(tmp_path, changes, path):
+    with pytest.raises(ConfigError) as info:
+        load_sweep(_write(tmp_path, _sweep(**changes)))
+    assert info.value.path == path, str(info.value)
+    assert path in str(info.value)
+
+
+def test_cli_rejects_bad_sweep_with_exit_2_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    bad = _write(tmp_path, _sweep(metric="acc"))
+    assert cli_main(["tune", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "metric" in err and "'acc'" in err
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unwritable_tracking_store_is_a_config_error(tmp_path, monkeypatch):
+    from raymoe.tune.driver import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    sweep = load_sweep(raw=_sweep(tracking={"uri": f"sqlite:///{tmp_path}/afile/mlflow.db"}))
+    with pytest.raises(ConfigError) as info:
+        run_sweep(sweep)
+    assert info.value.path == "tracking.uri"
+    assert not (tmp_path / "ray_results").exists()
+
+
+def test_existing_sweep_folder_needs_resume(tmp_path, monkeypatch):
+    from raymoe.tune.driver import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ray_results" / "sweeps" / "s").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="--resume") as info:
+        run_sweep(load_sweep(raw=_sweep()))
+    assert info.value.path == "name"
+    with pytest.raises(ConfigError) as info:
+        run_sweep(load_sweep(raw=_sweep(name="other")), resume=True)
+    assert info.value.path == "--resume"
+
+
+@pytest.mark.parametrize("sampler", [optuna.samplers.RandomSampler(seed=1), optuna.samplers.TPESampler(
+    seed=1, multivariate=True, group=True, n_startup_trials=10)])
+def test_define_by_run_respects_conditions_and_ranges(sampler):
+    sweep = load_sweep(raw=_sweep())
+    space = DefineByRun(sweep.space, {})
+    study = optuna.create_study(sampler=sampler)
+    seen_kinds, seen_regs = set(), set()
+    for i in range(150):
+        trial = study.ask()
+        values = space(trial)
+        assert values == trial.params  # what the trial config gets is what Optuna recorded
+        kind, reg = values["gate.kind"], values["reg"]
+        seen_kinds.add(kind)
+        seen_regs.add(reg)
+        assert ("gate.top_k" in values) == (kind in ("topk", "noisy_topk"))
+        assert ("regularizer.importance" in values) == (reg == "importance")
+        assert ("regularizer.sample_similarity.beta_s" in values) == (reg == "sample_similarity")
+        if "gate.top_k" in values:
+            assert isinstance(values["gate.top_k"], int) and 1 <= values["gate.top_k"] <= 3
+        if "regularizer.importance" in values:
+            assert 0.2 <= values["regularizer.importance"] <= 1.0
+        if "regularizer.sample_similarity.beta_s" in values:
+            assert 1e-7 <= values["regularizer.sample_similarity.beta_s"] <= 1e-5
+        assert 1e-4 <= values["train.lr"] <= 1e-2
+        assert values["train.batch_size"] in (64, 128, 192, 256)
+        study.tell(trial, (i % 7) / 7.0)
+    assert seen_kinds == {"softmax", "attentive", "topk", "noisy_topk"} and len(seen_regs) == 3
+
+
+def test_condition_on_a_fixed_base_value():
+    raw = _sweep(base={"name": "b", "gate": {"kind": "topk"}},
+                 space={"gate.top_k": {"type": "int", "low": 1, "high": 2, "when": {"gate.kind": "topk"}}})
+    sweep = load_sweep(raw=raw)
+    from raymoe.config.load import flatten, to_dict
+
+    space = DefineByRun(sweep.space, flatten(to_dict(sweep.base)))
+    assert "gate.top_k" in space(optuna.create_study().ask())
+
+
+def test_seed_repeat_search_runs_each_point_once_per_seed_and_tells_the_mean():
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raymoe.tune.searcher import SeedRepeatSearch
+
+    sweep = load_sweep(raw=_sweep(seeds=3))
+    inner = OptunaSearch(space=DefineByRun(sweep.space, {}), metric="test_error", mode="min",
+                         sampler=optuna.samplers.RandomSampler(seed=0))
+    search = SeedRepeatSearch(inner, [0, 1, 2], "test_error", "min")
+    configs = [search.suggest(f"t{i}") for i in range(6)]
+    assert [c["seed"] for c in configs] == [0, 1, 2, 0, 1, 2]
+    assert [c["point"] for c in configs] == ["p0000"] * 3 + ["p0001"] * 3
+    strip = [{k: v for k, v in c.items() if k not in ("seed", "point")} for c in configs]
+    assert strip[0] == strip[1] == strip[2] and strip[3] == strip[4] == strip[5] and strip[0] != strip[3]
+    errors = [0.1, 0.2, 0.6, 0.3, None, 0.5]  # t4 failed: the point's mean uses the seeds that finished
+    for i, err in enumerate(errors):
+        search.on_trial_complete(f"t{i}", result=None if err is None else {"test_error": err}, error=err is None)
+    told = sorted(t.value for t in inner._ot_study.trials)
+    assert told == pytest.approx([0.3, 0.4])  # (0.1+0.2+0.6)/3 and (0.3+0.5)/2
+
+
+def _presets(folder: Path) -> None:
+    for name, body in {
+        "original.yaml": "name: original\ntrain:\n  epochs: 2\n",
+        "original_importance.yaml": "name: original-importance\nregularizer:\n  importance: 0.2\n",
+        "original_ls.yaml": "name: original-ls\n",
+    }.items():
+        (folder / name).write_text(body)
+
+
+def test_grid_expands_rows_times_grid_times_seeds(tmp_path):
+    _presets(tmp_path)
+    raw = {"name": "g", "strategy": "grid", "seeds": 3, "rows": [
+        {"method": "original.yaml"},
+        {"method": "original_importance.yaml", "grid": {"regularizer.importance": [0.2, 0.4, 0.6, 0.8, 1.0]}},
+        {"method": "original_ls.yaml", "grid": {"regularizer.sample_similarity.beta_s": [1e-7, 1e-6],
+                                                "regularizer.sample_similarity.beta_d": [1e-7, 1e-5, 1e-3]}}]}
+    sweep = load_sweep(_write(tmp_path, raw))
+    assert sweep.num_trials == (1 + 5 + 2 * 3) * 3
+    labels = {p.label for p in sweep.points}
+    assert len(labels) == 1 + 5 + 6
+    assert {p.seed for p in sweep.points} == {0, 1, 2}
+    assert {p.category for p in sweep.points} == {"original", "original_importance", "original_ls"}
+    bad = dict(raw, rows=[{"method": "original.yaml", "grid": {"regularizer.importance": [-1.0]}}])
+    with pytest.raises(ConfigError) as info:
+        load_sweep(_write(tmp_path, bad, "bad.yaml"))
+    assert info.value.path == "rows[0].grid.regularizer.importance"
+    with pytest.raises(ConfigError) as info:
+        load_sweep(_write(tmp_path, dict(raw, rows=[{"method": "nope.yaml"}]), "bad2.yaml"))
+    assert info.value.path == "rows[0].method"
+
+
+def test_fmnist_paper_grid_has_the_paper_row_count():
+    path = ROOT / "tune_configs" / "paper" / "fmnist" / "grid.yaml"
+    sweep = load_sweep(path)
+    per_category = {}
+    for point in sweep.points:
+        per_category.setdefault(point.category, set()).add(point.label)
+    seeds = len(sweep.config.seed_list)
+    assert seeds == 10  # paper: 10 runs per setting for MNIST / FMNIST
+    # paper §1.3 / §3: importance w in {0.2..1.0}; L_s beta_s in {1e-7, 1e-6} x beta_d in {1e-7..1e-1}
+    sizes = {c: len(labels) for c, labels in per_category.items()}
+    assert sorted(sizes.values()) == sorted([1, 1, 5, 5, 14, 14] + ([1] if len(sizes) == 7 else []))
+    assert sweep.num_trials == sum(sizes.values()) * seeds
+    betas = {p.overrides.get("regularizer.sample_similarity.beta_d") for p in sweep.points} - {None}
+    assert sorted(betas) == pytest.approx([10.0 ** -k for k in range(7, 0, -1)])
+    weights = {p.overrides.get("regularizer.importance") for p in sweep.points} - {None}
+    assert sorted(weights) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
