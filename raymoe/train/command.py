@@ -54,8 +54,11 @@ def train(cfg, loop_config: dict, address: str | None = None) -> dict:
         if loop_config["fresh"]:  # local checkpoints live in <checkpoint_root>/<run_name>/epoch_XXXX
             shutil.rmtree(Path(loop_config["checkpoint_root"]) / loop_config["run_name"], ignore_errors=True)
         return train_fn(loop_config)
-    from raymoe.train.ray_launch import run_on_ray
+    from raymoe.train.ray_launch import run_on_ray, storage_uri
 
+    storage = storage_uri(cfg)
+    if loop_config["fresh"] and "://" not in storage:  # else Train V2 would resume the old run's snapshot
+        shutil.rmtree(Path(storage) / loop_config["run_name"], ignore_errors=True)
     return run_on_ray(cfg, loop_config, address=address)
 
 
@@ -69,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
         metrics = train(cfg, loop_config, address=args.address)
     except TrainingDiverged as exc:
         print(f"raymoe train: {exc}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if cfg.scaling.num_workers == 0:
+            raise
+        print(f"raymoe train: {exc}", file=sys.stderr)  # run_on_ray: the workers' error after all restarts
         return 1
     uri = loop_config["experiment"]["tracking"]["uri"]
     run_id = None

@@ -139,7 +139,7 @@ def epoch_metrics(result: EpochResult, test: dict[str, float], eval_seconds: flo
     """The per-epoch metric names logged to MLflow (test metrics keep the accumulator's names, except error)."""
     metrics = {"train_loss": result.loss, "train_error": result.error}
     for key, value in test.items():
-        metrics["test_error" if key == "error" else key] = value
+        metrics[f"test_{key}" if key in ("error", "loss") else key] = value
     metrics.update({f"reg_{name}": value for name, value in result.parts.items()})
     metrics.update(epoch_seconds=result.seconds + eval_seconds, train_seconds=result.seconds,
                    eval_seconds=eval_seconds, samples_per_s=result.samples / max(result.seconds, 1e-9),

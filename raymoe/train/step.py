@@ -148,15 +148,21 @@ def evaluate(model: nn.Module, batches: Iterable, *, ctx: DistContext, num_exper
     """Specialization metrics over the whole evaluation set (counts summed over ranks).
 
     Returns:
-        (metrics, matrices): `SpecializationAccumulator.compute()` and `.matrices()`.
+        (metrics, matrices): `SpecializationAccumulator.compute()` plus "loss" (mean NLL), and `.matrices()`.
     """
     from raymoe.metrics.accumulator import SpecializationAccumulator
 
     set_eval_mode(model, bn_eval)
     accumulator = SpecializationAccumulator(num_experts, num_classes)
+    nll = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # [NLL sum, samples] on this rank
     for x, y in batches:
-        accumulator.update(model(x), y)
+        out = model(x)
+        accumulator.update(out, y)
+        nll[0] += F.nll_loss(out.log_probs_BC, y, reduction="sum").double()
+        nll[1] += y.shape[0]
     accumulator.reduce(ctx)
+    ctx.all_reduce_sum(nll)
     metrics = {k: float(v) for k, v in accumulator.compute().items()}
+    metrics["loss"] = nll[0].item() / max(nll[1].item(), 1.0)
     return metrics, accumulator.matrices()
 
