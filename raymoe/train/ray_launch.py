@@ -96,13 +96,35 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
         trainer = build_trainer(cfg, loop_config)
         try:
             result = trainer.fit()
+            if result.error is not None:
+                raise result.error
         except TrainingFailedError as exc:
+            _mark_mlflow_failed(loop_config, f"Ray Train workers failed: {str(exc).splitlines()[-1][:400]}")
             raise RuntimeError(f"Ray Train run {name} failed (scaling.max_failures = {s.max_failures} restart(s) "
                                f"used up):\n{exc}") from None
-        if result.error is not None:
-            raise RuntimeError(f"Ray Train run {name} failed:\n{result.error}")
         return dict(result.metrics or {})
     finally:
         if started:
             ray.shutdown()
 
+
+
+def _mark_mlflow_failed(loop_config: dict, reason: str) -> None:
+    """Mark the run's MLflow run FAILED from the driver: a killed rank-0 worker cannot do it itself."""
+    tracking = loop_config["experiment"]["tracking"]
+    if not tracking.get("enabled", True):
+        return
+    try:
+        from mlflow.entities import RunStatus
+
+        from raymoe.tracking.mlflow_run import FAILURE_TAG, client_for, find_runs
+
+        client = client_for(tracking["uri"])
+        experiment = client.get_experiment_by_name(tracking["experiment"])
+        runs = find_runs(client, experiment.experiment_id, loop_config["run_name"]) if experiment else []
+        for run in runs[:1]:
+            if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+                client.set_tag(run.info.run_id, FAILURE_TAG, reason)
+                client.set_terminated(run.info.run_id, "FAILED")
+    except Exception:  # noqa: BLE001 - best effort; the RuntimeError below is what the user sees
+        pass

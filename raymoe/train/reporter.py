@@ -77,7 +77,14 @@ class LocalReporter:
 
 
 class RayReporter:
-    """Ray Train worker: ray.train.report from every rank (a barrier); ranks that wrote files attach them."""
+    """Ray Train worker: ray.train.report from every rank (a barrier); ranks that wrote files attach them.
+
+    fail_after: test hook (loop_config["inject_failure"] = {"rank": r, "after_epoch": e}): rank r raises after
+    reporting any epoch >= e, so every restart fails again (exercises FailureConfig.max_failures).
+    """
+
+    def __init__(self, rank: int = 0, fail_after: dict | None = None):
+        self.rank, self.fail_after = rank, fail_after
 
     def latest_checkpoint(self) -> str | None:
         import ray.train
@@ -102,6 +109,9 @@ class RayReporter:
         finally:
             if checkpoint_dir is not None and Path(checkpoint_dir).name.startswith("raymoe-epoch_"):
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)  # our staging copy; storage has it now
+        hook = self.fail_after
+        if hook and self.rank == hook.get("rank", 0) and epoch >= hook.get("after_epoch", 1):
+            raise RuntimeError(f"injected worker failure on rank {self.rank} after epoch {epoch} (test hook)")
 
 
 def make_reporter(ctx: DistContext, loop_config: dict) -> Reporter:
@@ -112,7 +122,7 @@ def make_reporter(ctx: DistContext, loop_config: dict) -> Reporter:
         loop_config: needs "run_name"; a local run also "checkpoint_root".
     """
     if loop_config.get("ray_train"):
-        return RayReporter()
+        return RayReporter(ctx.rank, loop_config.get("inject_failure"))
     if ctx.distributed:
         raise ValueError("a multi-process run outside Ray Train has no reporter; launch it through build_trainer")
     return LocalReporter(Path(loop_config["checkpoint_root"]) / loop_config["run_name"])
