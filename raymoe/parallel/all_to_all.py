@@ -18,7 +18,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from raymoe.parallel.comm_meter import METER
 from raymoe.parallel.dispatch import DispatchMeta
+
+
+def _remote_bytes(rows: torch.Tensor, splits: list[int], group) -> int:
+    """Bytes of `rows` that leave this rank (the split addressed to itself stays local)."""
+    if not METER.enabled:
+        return 0
+    row_bytes = rows[0].numel() * rows.element_size() if rows.shape[0] else 0
+    return (sum(splits) - splits[dist.get_rank(group)]) * row_bytes
 
 
 class _AllToAll(torch.autograd.Function):
@@ -28,13 +37,15 @@ class _AllToAll(torch.autograd.Function):
     def forward(fn_ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
         fn_ctx.out_splits, fn_ctx.in_splits, fn_ctx.group = out_splits, in_splits, group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.detach().contiguous(), out_splits, in_splits, group=group)
+        with METER.measure(_remote_bytes(x, in_splits, group)):
+            dist.all_to_all_single(out, x.detach().contiguous(), out_splits, in_splits, group=group)
         return out
 
     @staticmethod
     def backward(fn_ctx, grad: torch.Tensor):
         back = grad.new_empty((sum(fn_ctx.in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), fn_ctx.in_splits, fn_ctx.out_splits, group=fn_ctx.group)
+        with METER.measure(_remote_bytes(grad, fn_ctx.out_splits, fn_ctx.group)):
+            dist.all_to_all_single(back, grad.contiguous(), fn_ctx.in_splits, fn_ctx.out_splits, group=fn_ctx.group)
         return back, None, None, None
 
 
@@ -71,7 +82,8 @@ class AllToAllDispatcher:
         send_E = torch.bincount(experts_P[order_S], minlength=self.num_experts)
         # 1) counts: rank w learns how many rows each source sends to each of its local experts
         recv_We = torch.empty_like(send_E)
-        dist.all_to_all_single(recv_We, send_E, group=self.group)
+        with METER.measure(send_E.numel() * send_E.element_size() * (self.ep_size - 1) // self.ep_size):
+            dist.all_to_all_single(recv_We, send_E, group=self.group)
         recv_We = recv_We.view(self.ep_size, self.per_rank)
         send_splits = send_E.view(self.ep_size, self.per_rank).sum(1).tolist()
         recv_splits = recv_We.sum(1).tolist()

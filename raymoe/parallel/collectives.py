@@ -17,7 +17,16 @@ import torch.distributed as dist
 
 from raymoe.models.output import ModelOutput
 from raymoe.moe.routing import GateResult
+from raymoe.parallel.comm_meter import METER
 from raymoe.parallel.context import DistContext
+
+
+def _ring_bytes(t: torch.Tensor) -> int:
+    """Bytes one rank sends in a ring all-reduce of t: 2 (W-1)/W of its size."""
+    if not METER.enabled:
+        return 0
+    world = dist.get_world_size()
+    return 2 * (world - 1) * t.numel() * t.element_size() // world
 
 
 def _first_dims(t: torch.Tensor, ctx: DistContext) -> list[int]:
@@ -36,7 +45,8 @@ def _gather(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     padded = t.new_zeros((longest, *t.shape[1:]))
     padded[: t.shape[0]] = t
     parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded.contiguous())
+    with METER.measure(padded.numel() * padded.element_size() * (len(sizes) - 1)):
+        dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
@@ -50,7 +60,8 @@ class _AllGather(torch.autograd.Function):
     def backward(fn_ctx, grad_G: torch.Tensor):
         # Every rank used the whole gathered tensor: sum their gradients, keep this rank's slice.
         grad_G = grad_G.contiguous().clone()
-        dist.all_reduce(grad_G, op=dist.ReduceOp.SUM)
+        with METER.measure(_ring_bytes(grad_G)):
+            dist.all_reduce(grad_G, op=dist.ReduceOp.SUM)
         lo = sum(fn_ctx.sizes[: fn_ctx.rank])
         return grad_G[lo: lo + fn_ctx.sizes[fn_ctx.rank]], None, None
 
@@ -59,14 +70,16 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(fn_ctx, t: torch.Tensor) -> torch.Tensor:
         out = t.detach().clone().contiguous()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        with METER.measure(_ring_bytes(out)):
+            dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return out
 
     @staticmethod
     def backward(fn_ctx, grad: torch.Tensor):
         # d(sum_r t_r)/d t_mine = 1 on every rank's copy of the sum, so sum the upstream gradients.
         grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        with METER.measure(_ring_bytes(grad)):
+            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         return grad
 
 

@@ -19,6 +19,7 @@ from raymoe.config.errors import ConfigError
 from raymoe.moe.expert_stack import ExpertStack, expert_parameter_names
 from raymoe.parallel.all_to_all import AllToAllDispatcher
 from raymoe.parallel.batchnorm import globalize_batchnorm
+from raymoe.parallel.comm_meter import METER
 from raymoe.parallel.context import DistContext
 from raymoe.parallel.dispatch import LocalDispatcher
 
@@ -178,7 +179,9 @@ def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 def _all_reduce_grads(params: list[torch.Tensor], group) -> None:
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    ranks = dist.get_world_size(group)
+    with METER.measure(2 * (ranks - 1) * flat.numel() * flat.element_size() // ranks):  # ring all-reduce
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     offset = 0
     for p in params:
         n = p.numel()
