@@ -1,15 +1,16 @@
 """Grouped linear layer: row group g of x is multiplied by its own weight w[g] (one GEMM per expert).
 
-`torch._grouped_mm` does all groups in one call where it applies (torch >= 2.9 on CPU, bf16 on Hopper GPUs,
-more where the probe below succeeds); otherwise a loop of addmm over contiguous row slices gives the same
-numbers. The path is chosen per call from availability, dtype and the 16-byte stride rule of the kernel.
+`torch._grouped_mm` does all groups in one call where it applies (torch >= 2.9, CPU and CUDA; the dtype and
+kernel are checked once per device by a probe, and every call checks the kernel's 16-byte stride rule);
+otherwise a loop of addmm over contiguous row slices gives the same numbers. "auto" picks grouped_mm on CUDA
+and the loop on CPU, where it measured faster (see use_grouped_mm).
 
 Shape legend: R rows grouped by group (group-major), G groups, X input features, Y output features.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -66,6 +67,18 @@ def grouped_mm_applies(x_RX: torch.Tensor, w_GXY: torch.Tensor) -> bool:
             and _probe(x_RX.device, x_RX.dtype))
 
 
+def use_grouped_mm(x_RX: torch.Tensor, w_GXY: torch.Tensor, impl: Impl = "auto") -> bool:
+    """The path of `impl`: "auto" takes grouped_mm on CUDA where it applies, the loop on CPU.
+
+    NOTE: on CPU, torch._grouped_mm is a composite of per-group GEMMs (torch 2.9-2.14); measured on a 2-core x86
+    VM it was slower than the per-expert loop, which keeps each expert's hidden block in cache for the bias, GELU
+    and second GEMM (raymoe bench moe-layer --impl grouped_mm vs loop).
+    """
+    if impl == "auto":
+        return x_RX.is_cuda and x_RX.shape[0] > 0 and grouped_mm_applies(x_RX, w_GXY)
+    return impl == "grouped_mm"
+
+
 def grouped_linear(x_RX: torch.Tensor, w_GXY: torch.Tensor, b_GY: torch.Tensor | None, counts: list[int],
                    impl: Impl = "auto") -> torch.Tensor:
     """y[rows of group g] = x[rows of group g] @ w[g] + b[g].
@@ -75,13 +88,11 @@ def grouped_linear(x_RX: torch.Tensor, w_GXY: torch.Tensor, b_GY: torch.Tensor |
         w_GXY: one weight matrix per group.
         b_GY: one bias per group, or None.
         counts: rows per group (python ints, len G, summing to R).
-        impl: "grouped_mm", "loop", or "auto" (grouped_mm where it applies, else loop).
+        impl: "grouped_mm", "loop", or "auto" (see use_grouped_mm).
     Returns:
         y_RY.
     """
-    if impl == "auto":
-        impl = "grouped_mm" if x_RX.shape[0] > 0 and grouped_mm_applies(x_RX, w_GXY) else "loop"
-    if impl == "grouped_mm":
+    if use_grouped_mm(x_RX, w_GXY, impl):
         offs_G = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_RX.device)
         y_RY = _ContiguousGrad.apply(torch._grouped_mm(x_RX, w_GXY, offs=offs_G))
         if b_GY is not None:
@@ -93,3 +104,21 @@ def grouped_linear(x_RX: torch.Tensor, w_GXY: torch.Tensor, b_GY: torch.Tensor |
     if b_GY is None:
         return torch.cat([torch.mm(x, w) for x, w in zip(xs, ws)])
     return torch.cat([torch.addmm(b, x, w) for x, w, b in zip(xs, ws, b_GY.unbind(0))])
+
+
+def grouped_ffn(x_RX: torch.Tensor, w1_GXH: torch.Tensor, b1_GH: torch.Tensor, w2_GHY: torch.Tensor,
+                b2_GY: torch.Tensor, counts: list[int], act: Callable[[torch.Tensor], torch.Tensor],
+                impl: Impl = "auto") -> torch.Tensor:
+    """y[rows of group g] = act(x W1_g + b1_g) W2_g + b2_g: the experts' FFN and HyperMoE's adapters.
+
+    The loop path runs each group's two GEMMs and activation back to back, so the group's hidden block stays
+    in cache (the grouped_mm path materialises the whole hidden R x H tensor between the kernels).
+    """
+    if use_grouped_mm(x_RX, w1_GXH, impl) and (impl == "grouped_mm" or grouped_mm_applies(x_RX, w2_GHY)):
+        h_RH = act(grouped_linear(x_RX, w1_GXH, b1_GH, counts, "grouped_mm"))
+        return grouped_linear(h_RH, w2_GHY, b2_GY, counts, "grouped_mm")
+    # split/unbind: one autograd node each (indexing w1[g] would allocate a full-size gradient per group)
+    ys = [torch.addmm(b2, act(torch.addmm(b1, x, w1)), w2)
+          for x, w1, b1, w2, b2 in zip(x_RX.split(counts), w1_GXH.unbind(0), b1_GH.unbind(0), w2_GHY.unbind(0),
+                                       b2_GY.unbind(0))]
+    return torch.cat(ys) if len(ys) != 1 else ys[0]

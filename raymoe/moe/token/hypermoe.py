@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.moe.token.grouped import grouped_linear
+from raymoe.moe.token.grouped import grouped_ffn
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,22 +122,25 @@ class HyperMoE(nn.Module):
         s_UM = unselected_UE @ self.expert_embed.weight
         return self.hypernet(self.embedding_process(s_UM), layer_index)
 
-    def forward(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, layer_index: int) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, layer_index: int,
+                out_ND: torch.Tensor | None = None) -> torch.Tensor:
         """HyperExpert output per token: the adapter of its unselected set applied to x (the MoE's input).
 
         Args:
             x_ND: the tokens entering the MoE layer.
             experts_NK: the router's choices before capacity dropping.
             layer_index: this layer's index for the layer embedding.
+            out_ND: if given, the output is added into it in place (saves a pass over N x D) and it is returned.
         Returns:
-            y_ND, to be added to the MoE output.
+            y_ND (or out_ND + y_ND).
         """
         unselected_UE, set_N = self.unselected_sets(experts_NK)
         w = self.generate(unselected_UE, layer_index)
         order_R = torch.argsort(set_N, stable=True)
         counts = torch.bincount(set_N, minlength=unselected_UE.shape[0]).tolist()
-        x_RD = x_ND.index_select(0, order_R)
         dt = x_ND.dtype
-        h_RB = F.relu(grouped_linear(x_RD, w.w_down_UDB.to(dt), w.b_down_UB.to(dt), counts))
-        y_RD = grouped_linear(h_RB, w.w_up_UBD.to(dt), w.b_up_UD.to(dt), counts)
-        return y_RD.new_zeros(y_RD.shape).index_copy(0, order_R, y_RD)
+        y_RD = grouped_ffn(x_ND.index_select(0, order_R), w.w_down_UDB.to(dt), w.b_down_UB.to(dt),
+                           w.w_up_UBD.to(dt), w.b_up_UD.to(dt), counts, F.relu)
+        if out_ND is None:
+            return y_RD.new_zeros(y_RD.shape).index_copy(0, order_R, y_RD)
+        return out_ND.index_add_(0, order_R, y_RD)

@@ -81,10 +81,11 @@ class TokenMoE(nn.Module):
                                        weights_NK=torch.where(kept_NK, gate.weights_NK, 0.0))
         y_ND = self._routed_experts(x_ND, gate.experts_NK, gate.weights_NK,
                                     may_drop=self.capacity_factor is not None or not self.router.token_choice)
+        # in-place adds: y_ND is this layer's own fresh tensor and no backward formula needs its value
         if self.hypermoe is not None:
-            y_ND = y_ND + self.hypermoe(x_ND, selected_NK, self.layer_index)
+            y_ND = self.hypermoe(x_ND, selected_NK, self.layer_index, out_ND=y_ND)
         if self.shared is not None:
-            y_ND = y_ND + self.shared(x_ND)
+            y_ND = y_ND.add_(self.shared(x_ND))
         with torch.no_grad():
             kept_ids = gate.experts_NK[gate.experts_NK >= 0]
             load_E = torch.bincount(kept_ids, minlength=self.num_experts).float()

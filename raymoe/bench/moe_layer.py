@@ -1,0 +1,139 @@
+"""`raymoe bench moe-layer`: forward+backward time of the token MoE layer vs a dense FFN and a naive MoE.
+
+For each size and k in (1, 2), with one set of random inputs and weights, it times (median over --iters after
+--warmup, variants interleaved round-robin so machine-load drift hits all of them alike):
+  * layer:         TokenMoE (dropless top-k, sort-based dispatch, grouped GEMM experts);
+  * dense_chunked: a dense GELU FFN with the same active FLOPs (hidden k * d_ff) run over the tokens in E equal
+                   chunks, i.e. what the experts' GEMMs would cost with perfectly even groups;
+  * naive:         the same router and experts as a per-expert loop: mask, gather, FFN, weight, index_add;
+  * hypermoe:      the layer plus HyperMoE (code-default sizes: embeddings/hypernetwork 128, adapter 64).
+Prints one JSON line per (size, k) with ratio_vs_dense = layer / dense_chunked, ratio_vs_naive = layer / naive and
+hypermoe_overhead = hypermoe / layer - 1. float32; threads = torch.get_num_threads() unless --threads.
+
+Shape legend: N tokens, D model dim, F expert hidden, E experts, K experts per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from raymoe.moe.token.hypermoe import HyperMoE, HyperNetwork
+from raymoe.moe.token.layer import TokenMoE
+from raymoe.moe.token.routers import TopKRouter
+from raymoe.moe.token.shared import FeedForward
+
+FULL_SIZES = [(8192, 256, 1024, 8), (4096, 512, 2048, 16)]  # (T, d, d_ff, E)
+QUICK_SIZES = [(512, 64, 128, 8)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small sizes, few iterations (smoke test)")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations per variant (default 12; quick 3)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default 2; quick 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: all cores)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--impl", choices=["auto", "grouped_mm", "loop"], default="auto",
+                        help="expert GEMM path of the layer")
+    parser.add_argument("--no-hypermoe", action="store_true", help="skip the HyperMoE overhead measurement")
+
+
+def _naive_moe(layer: TokenMoE, x_ND: torch.Tensor) -> torch.Tensor:
+    """Reference implementation: one masked pass per expert, scattered back with index_add."""
+    gate = layer.router(x_ND, layer.experts)
+    ex = layer.experts
+    y_ND = torch.zeros_like(x_ND)
+    for e in range(layer.num_experts):
+        hit_NK = gate.experts_NK == e
+        tok = hit_NK.any(dim=1).nonzero().squeeze(1)
+        w = (gate.weights_NK * hit_NK).sum(dim=1)[tok].unsqueeze(1)
+        x_e = x_ND[tok]
+        h = F.gelu(torch.addmm(ex.b1_EF[e], x_e, ex.w1_EDF[e]))
+        y_ND = y_ND.index_add(0, tok, w * torch.addmm(ex.b2_ED[e], h, ex.w2_EFD[e]))
+    return y_ND
+
+
+def _dense_chunked(ffn: FeedForward, x_ND: torch.Tensor, chunks: int) -> torch.Tensor:
+    return torch.cat([ffn(x) for x in x_ND.chunk(chunks)])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_variants(fns: dict, params: dict, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int,
+                   device: torch.device) -> dict[str, float]:
+    """Median forward+backward milliseconds per variant, interleaved round-robin."""
+    times = {name: [] for name in fns}
+    for i in range(warmup + iters):
+        for name, fn in fns.items():
+            for p in params[name]:
+                p.grad = None
+            x.grad = None
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(x)
+            out.backward(grad)
+            _sync(device)
+            if i >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: int, device: torch.device,
+               impl: str, hypermoe: bool) -> dict:
+    torch.manual_seed(0)
+    layer = TokenMoE(d, d_ff, e, TopKRouter(d, e, top_k=k), capacity_factor=None, impl=impl).to(device)
+    dense = FeedForward(d, k * d_ff).to(device)
+    fns = {"layer": lambda x: layer(x)[0], "dense_chunked": lambda x: _dense_chunked(dense, x, e),
+           "naive": lambda x: _naive_moe(layer, x)}
+    params = {"layer": list(layer.parameters()), "dense_chunked": list(dense.parameters()),
+              "naive": list(layer.parameters())}
+    if hypermoe:
+        hypernet = HyperNetwork(num_layers=1, dim=d).to(device)
+        hyper_layer = TokenMoE(d, d_ff, e, layer.router, capacity_factor=None, impl=impl,
+                               hypermoe=HyperMoE(e, hypernet).to(device)).to(device)
+        hyper_layer.experts.load_state_dict(layer.experts.state_dict())
+        fns["hypermoe"] = lambda x: hyper_layer(x)[0]
+        params["hypermoe"] = list(hyper_layer.parameters()) + list(hypernet.parameters())
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    grad = torch.randn(n, d, device=device)
+    with torch.no_grad():
+        load = layer(x)[2]["load_E"]
+    ms = _time_variants(fns, params, x, grad, iters, warmup, device)
+    row = {"bench": "moe_layer", "T": n, "d": d, "d_ff": d_ff, "E": e, "top_k": k,
+           "layer_ms": round(ms["layer"], 2), "dense_chunked_ms": round(ms["dense_chunked"], 2),
+           "naive_ms": round(ms["naive"], 2), "ratio_vs_dense": round(ms["layer"] / ms["dense_chunked"], 3),
+           "ratio_vs_naive": round(ms["layer"] / ms["naive"], 3),
+           "max_load_over_mean": round(float(load.max() / load.mean()), 2)}
+    if hypermoe:
+        row["hypermoe_ms"] = round(ms["hypermoe"], 2)
+        row["hypermoe_overhead"] = round(ms["hypermoe"] / ms["layer"] - 1, 3)
+    return row
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    iters = args.iters or (3 if args.quick else 12)
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    print(json.dumps({"bench": "moe_layer", "device": str(device), "threads": torch.get_num_threads(),
+                      "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
+                      "dtype": "float32", "iters": iters, "warmup": warmup, "impl": args.impl,
+                      "grouped_mm": hasattr(torch, "_grouped_mm")}), flush=True)
+    for n, d, d_ff, e in sizes:
+        for k in (1, 2):
+            print(json.dumps(bench_size(n, d, d_ff, e, k, iters, warmup, device, args.impl,
+                                        hypermoe=not args.no_hypermoe)), flush=True)
+    return 0
