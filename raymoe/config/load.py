@@ -281,6 +281,9 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(s.num_workers >= 0, "scaling.num_workers", s.num_workers, "must be >= 0")
     _require(s.expert_parallel >= 1, "scaling.expert_parallel", s.expert_parallel, "must be >= 1")
     _require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "must be >= -1 (-1 = unlimited)")
+    if s.num_workers > 1:  # each rank takes a slice of every global batch (raymoe.data.batches)
+        _require(t.batch_size >= s.num_workers, "train.batch_size", t.batch_size,
+                 f"must be >= scaling.num_workers ({s.num_workers}): each worker gets a slice of every batch")
     if s.expert_parallel > 1:
         _require(m.arch != "single", "scaling.expert_parallel", s.expert_parallel, "the single model has no experts")
         _require(s.num_workers >= s.expert_parallel, "scaling.expert_parallel", s.expert_parallel,
