@@ -89,6 +89,9 @@ def test_base_as_relative_path_and_overrides(tmp_path):
         ({"overrides": {"train.epoch": 2}}, "overrides.train.epoch"),
         ({"seeds": 0}, "seeds"),
         ({"strategy": "grid"}, "space"),                                               # grid takes rows
+        ({"start_points": [{"gate.kind": "dense"}]}, "start_points[0].gate.kind"),
+        ({"start_points": [{"train.lr": 0.5}]}, "start_points[0].train.lr"),             # outside [low, high]
+        ({"start_points": [{"train.epochs": 2}]}, "start_points[0].train.epochs"),       # not in the space
     ],
 )
 def test_malformed_sweeps_name_the_field(tmp_path, changes, path):

@@ -8,6 +8,7 @@ Order (nothing is started or logged before every check has passed):
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -108,6 +109,11 @@ def start_ray(sweep: Sweep, address: str | None) -> tuple[bool, int]:
     return started, default_concurrency(need, nodes)
 
 
+def trial_label(trial, prefix: str = "") -> str:
+    """Tune trial name / folder: `<sweep>-<trial id>`, the trial's run_name (no config values, no dates)."""
+    return f"{prefix}{trial.trial_id}"
+
+
 def _tune_config(sweep: Sweep, concurrency: int):
     import optuna
     import ray.tune
@@ -118,8 +124,10 @@ def _tune_config(sweep: Sweep, concurrency: int):
     from raymoe.tune.space import DefineByRun
 
     cfg = sweep.config
+    names = {"trial_name_creator": functools.partial(trial_label, prefix=f"{sweep.name}-"),
+             "trial_dirname_creator": functools.partial(trial_label, prefix="trial-")}
     if cfg.strategy == "grid":
-        return ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=True)
+        return ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency, reuse_actors=True, **names)
     metric = cfg.metrics[0] if len(cfg.metrics) == 1 else cfg.metrics
     mode = cfg.modes[0] if len(cfg.modes) == 1 else cfg.modes
     if cfg.sampler == "nsga2":
@@ -130,7 +138,8 @@ def _tune_config(sweep: Sweep, concurrency: int):
         sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed, multivariate=True, group=True,
                                              constant_liar=True, n_startup_trials=min(10, cfg.num_samples))
     space = DefineByRun(sweep.space, flatten(to_dict(sweep.base)))
-    inner = OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
+    inner = OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler,
+                         points_to_evaluate=[dict(p) for p in cfg.start_points] or None)
     search = SeedRepeatSearch(inner, cfg.seed_list, metric, mode)
     scheduler = None
     if cfg.scheduler is not None and cfg.scheduler.asha is not None:
@@ -139,7 +148,7 @@ def _tune_config(sweep: Sweep, concurrency: int):
             metric=metric, mode=mode, time_attr="training_iteration", max_t=asha.max_t or sweep.epochs,
             grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
     return ray.tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=sweep.num_trials,
-                               max_concurrent_trials=concurrency, reuse_actors=True)
+                               max_concurrent_trials=concurrency, reuse_actors=True, **names)
 
 
 def _param_space(sweep: Sweep) -> dict[str, Any]:
@@ -208,7 +217,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             experiment=experiment, storage_path=str(sweep_dir / "train"),
             base_raw=_absolute_paths(sweep.base_raw) if sweep.base_raw is not None else None,
             applied=[k for k, spec in sweep.space.items() if spec.apply],
-            row_raws={k: _absolute_paths(v) for k, v in sweep.row_raws.items()}, timing_dir=timing_dir)
+            row_raws={k: _absolute_paths(v) for k, v in sweep.row_raws.items()}, seeds=sweep.config.seed_list,
+            timing_dir=timing_dir)
         trainable = _trainable(plan, sweep, run_trial)
         timings["setup_s"] = time.perf_counter() - t0 - timings["checks_s"] - timings["ray_start_s"]
         print(f"raymoe tune: sweep {sweep.name}: {sweep.num_trials} trial(s), up to {concurrency} at once; "

@@ -18,6 +18,7 @@ class GridPoint:
     method: str  # absolute path of the preset experiment
     overrides: dict[str, Any] = field(default_factory=dict)  # this point's grid values
     seed: int = 0
+    index: int = 0  # position in the whole grid (the report's trial order)
 
     @property
     def label(self) -> str:
@@ -27,7 +28,7 @@ class GridPoint:
 
     def as_config(self) -> dict[str, Any]:
         return {"category": self.category, "method": self.method, "overrides": dict(self.overrides),
-                "seed": self.seed, "label": self.label}
+                "seed": self.seed, "label": self.label, "index": self.index}
 
 
 def row_category(row: GridRow) -> str:
@@ -47,5 +48,6 @@ def expand_grid(rows: list[GridRow], seeds: list[int], sweep_dir: Path) -> list[
     for row in rows:
         method = str((Path(sweep_dir) / row.method).resolve())
         for overrides in expand_row(row):
-            points.extend(GridPoint(row_category(row), method, overrides, seed) for seed in seeds)
+            points.extend(GridPoint(row_category(row), method, overrides, seed, len(points) + i)
+                          for i, seed in enumerate(seeds))
     return points

@@ -152,6 +152,7 @@ def _check_top_level(cfg: SweepConfig) -> None:
     if cfg.strategy == "grid":
         _require(not cfg.space, "space", "...", "a grid sweep lists rows, not a space (or use strategy: optuna)")
         _require(bool(cfg.rows), "rows", cfg.rows, "a grid sweep needs at least one row")
+        _require(not cfg.start_points, "start_points", "...", "start points belong to strategy: optuna")
     else:
         _require(not cfg.rows, "rows", "...", "rows belong to strategy: grid")
         _require(cfg.base is not None, "base", None, "an optuna sweep needs a base experiment (mapping or path)")
@@ -190,6 +191,7 @@ def _load_optuna(cfg: SweepConfig, folder: Path, path: str | None, text: str) ->
     base_raw.setdefault("name", cfg.name)
     base_raw, base = _resolve_experiment(base_raw, _fixed_overrides(cfg), "base")
     space = _parse_space(cfg.space, base_raw, flatten(to_dict(base)))
+    _check_start_points(cfg, space)
     return Sweep(config=cfg, path=path, text=text, base_raw=base_raw, base=base, space=space)
 
 
@@ -213,6 +215,28 @@ def _parse_space(raw_space: dict[str, Any], base_raw: dict, static: dict[str, An
                      "a sweep-only switch (apply: false) needs a plain name that is not a config path")
         space[key] = spec
     return space
+
+
+def _check_start_points(cfg: SweepConfig, space: dict[str, ParamSpec]) -> None:
+    """Warm-start points: only declared names, values the parameter can take (combinations are the trial's job)."""
+    _require(len(cfg.start_points) <= cfg.num_samples, "start_points", len(cfg.start_points),
+             f"more start points than num_samples ({cfg.num_samples})")
+    for i, point in enumerate(cfg.start_points):
+        for name, value in point.items():
+            where = f"start_points[{i}].{name}"
+            _require(name in space, where, value, f"not a parameter of the space {sorted(space)}")
+            spec = space[name]
+            if spec.type == "categorical":
+                _require(value in spec.choices, where, value, f"not one of the choices {spec.choices}")
+            else:
+                if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
+                    try:
+                        value = point[name] = float(value)
+                    except ValueError:
+                        pass
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                _require(ok and spec.low <= value <= spec.high, where, value,
+                         f"must be a number in [{spec.low}, {spec.high}]")
 
 
 def _check_spec(key: str, spec: ParamSpec, where: str) -> None:

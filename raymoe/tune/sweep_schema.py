@@ -71,6 +71,7 @@ class SweepConfig:
     base: str | dict[str, Any] | None = None  # experiment: inline mapping or a YAML path relative to the sweep file
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted path -> value on the base (or every grid row)
     space: dict[str, Any] = field(default_factory=dict)  # dotted path -> ParamSpec (declaration order = sample order)
+    start_points: list[dict[str, Any]] = field(default_factory=list)  # optuna: evaluated first (warm start)
     rows: list[GridRow] = field(default_factory=list)  # grid strategy only
     metric: str | list[str] = "test_error"  # a list -> multi-objective (Pareto front)
     mode: Mode | list[Mode] = "min"

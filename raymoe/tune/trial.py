@@ -40,13 +40,15 @@ class TrialPlan:
     base_raw: dict[str, Any] | None = None  # optuna
     applied: list[str] = field(default_factory=list)  # optuna: space names that are config paths
     row_raws: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid: preset path -> raw experiment
+    seeds: list[int] = field(default_factory=lambda: [0])  # optuna: each point's seeds, in order
     timing_dir: str | None = None  # where each trial drops `<trial id>.json` with its start/end times (bench)
 
 
-def trial_index(trial_id: str) -> int:
-    """Tune trial ids are `<experiment hex>_<counter>`; the counter orders trials by creation."""
-    tail = trial_id.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
+def trial_index(config: dict[str, Any], plan: TrialPlan) -> int:
+    """Creation order of the trial, from its config: grid position, or Optuna point number x seeds + seed slot."""
+    if plan.strategy == "grid":
+        return int(config[POINT_KEY]["index"])
+    return int(str(config[POINT_KEY]).lstrip("p")) * len(plan.seeds) + plan.seeds.index(config[SEED_KEY])
 
 
 def resolve_trial(config: dict[str, Any], plan: TrialPlan) -> tuple[dict, dict[str, Any], dict[str, str]]:
@@ -80,7 +82,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     run_name = f"{plan.sweep_name}-{trial_id}"
     raw, overrides, tags = resolve_trial(config, plan)
     tags.update({SWEEP_TAG: plan.sweep_name, ROLE_TAG: "trial", TRIAL_ID_TAG: trial_id,
-                 TRIAL_INDEX_TAG: str(trial_index(trial_id))})
+                 TRIAL_INDEX_TAG: str(trial_index(config, plan))})
     overrides.update({"tracking.uri": plan.tracking_uri, "tracking.experiment": plan.experiment,
                       "scaling.storage_path": plan.storage_path})
     try:
