@@ -3,7 +3,8 @@
 Runs on real Ray Train workers (TorchTrainer, gloo on CPU / NCCL on GPU) with synthetic data of the data set's
 shape (the benchmark measures the model step, not the data pipeline), through the same train_epoch as
 `raymoe train`. Prints one JSON line per configuration: samples/s, bytes this rank sent per step, and the
-fraction of step time inside collectives (raymoe.parallel.comm_meter), then a summary line with the speedup.
+fraction of step time inside collectives (raymoe.parallel.comm_meter; it includes waiting for the slower
+rank at each collective), then a summary line with the speedup.
 Each worker gets cores // workers torch threads, so both runs use the whole machine.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,14 +91,21 @@ def _bench_worker(config: dict) -> None:
     else:
         per_rank = [stats]
     steps = result.steps
-    ray.train.report({
+    report = {
         "samples_per_s": batch * steps / max(float(s[2]) for s in per_rank),
         "step_ms": 1000 * max(float(s[2]) for s in per_rank) / steps,
         "comm_fraction": max(float(s[0] / s[2]) for s in per_rank),
         "bytes_sent_per_step_per_rank": max(float(s[1]) for s in per_rank) / steps,
         "torch_threads": threads,
         "loss": result.loss,
-    })
+    }
+    # Train V2 keeps metrics only when a checkpoint comes with them: rank 0 attaches a one-file folder
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if ctx.is_main:
+            (Path(folder) / "metrics.json").write_text(json.dumps(report))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(report, checkpoint=checkpoint)
 
 
 def _experiment(args: argparse.Namespace, workers: int) -> dict:
@@ -109,8 +119,6 @@ def _experiment(args: argparse.Namespace, workers: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import tempfile
-
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
