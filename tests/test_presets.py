@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raymoe.config.errors import ConfigError
 from raymoe.config.load import load_experiment
 
 PAPER = Path(__file__).resolve().parents[1] / "tune_configs" / "paper"
@@ -105,9 +106,11 @@ def test_reference_picks_of_the_importance_rows(tmp_path):
         assert _load(PAPER / folder / "attentive_importance.yaml", tmp_path).regularizer.importance == attentive
 
 
-def test_distilled_presets_say_how_to_pass_the_checkpoint():
+def test_distilled_presets_refuse_to_run_without_a_checkpoint():
     for folder in SHARED:
         for kind in ("importance", "ls"):
             path = PAPER / folder / f"distilled_attentive_{kind}.yaml"
-            assert "distill_from" not in yaml.safe_load(path.read_text()).get("train", {})
             assert "--set train.distill_from=" in path.read_text()
+            with pytest.raises(ConfigError) as info:  # the placeholder path never exists
+                load_experiment(path)
+            assert info.value.path == "train.distill_from"
