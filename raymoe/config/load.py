@@ -266,6 +266,9 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     for key in ("importance", "load", "load_balance", "z_loss"):
         value = getattr(r, key)
         _require(value >= 0, f"regularizer.{key}", value, "must be >= 0")
+    _require(r.load == 0 or g.kind == "noisy_topk", "regularizer.load", r.load,
+             "the load loss uses the noisy top-k gate's smooth load estimate; set gate.kind noisy_topk "
+             "(or use regularizer.load_balance)")
     ss = r.sample_similarity
     _require(ss.beta_s >= 0, "regularizer.sample_similarity.beta_s", ss.beta_s, "must be >= 0")
     _require(ss.beta_d >= 0, "regularizer.sample_similarity.beta_d", ss.beta_d, "must be >= 0")

@@ -1,0 +1,53 @@
+"""Config -> model: the paper MoE (arch "moe"), the single-model baseline ("single") or the ViT-MoE ("vit_moe").
+
+cfg.data.name picks the paper's expert and gate networks (spec §1.2); cfg.model.hidden_size overrides H.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from raymoe.config.schema import ExperimentConfig
+from raymoe.models.moe import ExpectationMoE
+from raymoe.models.paper_experts import PaperExperts, expert_spec
+from raymoe.models.paper_gate_nets import GateTrunk, gate_trunk_spec
+from raymoe.models.single import SingleModel
+from raymoe.moe.gates import AttentiveGate, NoisyTopKGate, SoftmaxGate, TopKGate
+
+
+def build_gate(cfg: ExperimentConfig, in_channels: int, image_size: int) -> nn.Module:
+    """The sample-level gate of cfg.gate.kind on the data set's gate trunk."""
+    g, e = cfg.gate, cfg.model.num_experts
+    spec, attentive_relu = gate_trunk_spec(cfg.data.name, in_channels, image_size, cfg.model.hidden_size)
+    if g.kind == "attentive":
+        return AttentiveGate(GateTrunk(spec, final_relu=attentive_relu), e, spec.hidden)
+    trunk = GateTrunk(spec, final_relu=True)  # the original gate applies ReLU to fc2 before its output layer
+    if g.kind == "softmax":
+        return SoftmaxGate(trunk, e, g.temperature)
+    if g.kind == "topk":
+        return TopKGate(trunk, e, g.top_k, g.renormalize, g.temperature)
+    if g.kind == "noisy_topk":
+        return NoisyTopKGate(trunk, e, g.top_k, g.renormalize, g.noise_eps, g.temperature)
+    raise ValueError(f"gate.kind {g.kind!r} is not a sample-level gate (use model.arch vit_moe for token routers)")
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The model of cfg.model.arch; forward(x_BCHW) -> ModelOutput.
+
+    Args:
+        cfg: the experiment config.
+        num_classes, in_channels, image_size: from the data set.
+    """
+    m = cfg.model
+    if m.arch == "vit_moe":
+        from raymoe.models.vit import build_vit
+
+        return build_vit(cfg, num_classes, in_channels, image_size)
+    spec = expert_spec(cfg.data.name, in_channels, image_size, m.hidden_size)
+    if m.arch == "single":
+        return SingleModel(spec, num_classes, m.log_eps)
+    if m.arch == "moe":
+        experts = PaperExperts(m.num_experts, spec, num_classes)
+        gate = build_gate(cfg, in_channels, image_size)
+        return ExpectationMoE(experts, gate, num_classes, m.log_eps, m.output_softmax)
+    raise ValueError(f"unknown model.arch {m.arch!r}")

@@ -1,0 +1,55 @@
+"""The paper's gate networks (spec §1.2 table): a trunk h_g(x) of conv stages -> fc1 -> ReLU -> fc2.
+
+The original gate applies ReLU(fc2) -> out -> softmax(./T) (gates.py); the attentive gate's trunk returns fc2
+without ReLU except on Fashion-MNIST (spec §1.2, "Attentive-gate trunk" row). Both gates hold the trunk
+under the same parameter names (`trunk.*`), so distillation loads one from the other (spec §1.3 rows 8/9).
+
+Shape legend: B samples, C channels, S image side, H trunk output width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.models.paper_experts import ConvNetSpec, channels_last
+
+# Gate columns of the spec §1.2 table: (conv channels, BatchNorm flags, padding, fc1, H, attentive ReLU on fc2).
+GATE_ARCHS = {
+    "mnist": ((1,), (False,), 0, 128, 32, False),
+    "fashion_mnist": ((8,), (True,), 0, 512, 32, True),
+    "cifar10": ((64, 128, 256, 256), (False, True, False, True), 1, 512, 32, False),
+    "cifar100": ((64, 128, 256, 512), (False, True, False, True), 1, 512, 64, False),
+}
+
+
+def gate_trunk_spec(dataset: str, in_channels: int, image_size: int,
+                    hidden: int | None = None) -> tuple[ConvNetSpec, bool]:
+    """(trunk spec, whether the ATTENTIVE trunk ends in ReLU) for `dataset`; `hidden` overrides H."""
+    if dataset not in GATE_ARCHS:
+        raise ValueError(f"no paper gate architecture for data set {dataset!r}; known: {sorted(GATE_ARCHS)}")
+    channels, bn, padding, fc1, h, attentive_relu = GATE_ARCHS[dataset]
+    return ConvNetSpec(in_channels, image_size, channels, bn, padding, fc1, hidden or h), attentive_relu
+
+
+class GateTrunk(nn.Module):
+    """h_g(x): conv stages (conv, optional BatchNorm, ReLU, max-pool) -> fc1 -> ReLU -> fc2 (-> ReLU)."""
+
+    def __init__(self, spec: ConvNetSpec, final_relu: bool):
+        super().__init__()
+        self.final_relu, self.out_features = final_relu, spec.hidden
+        cins = (spec.in_channels, *spec.channels[:-1])
+        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3, padding=spec.padding, bias=not bn)
+                                   for cin, cout, bn in zip(cins, spec.channels, spec.batchnorm))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) if bn else nn.Identity()
+                                 for c, bn in zip(spec.channels, spec.batchnorm))
+        self.fc1 = nn.Linear(spec.flat_features, spec.fc1)
+        self.fc2 = nn.Linear(spec.fc1, spec.hidden)
+
+    def forward(self, x_BCSS: torch.Tensor) -> torch.Tensor:
+        t = channels_last(x_BCSS)
+        for conv, bn in zip(self.convs, self.bns):  # relu(pool(.)) == pool(relu(.)), on 4x fewer values
+            t = F.relu(F.max_pool2d(bn(channels_last(conv(t))), 2))
+        h_BH = self.fc2(F.relu(self.fc1(t.flatten(1))))
+        return F.relu(h_BH) if self.final_relu else h_BH

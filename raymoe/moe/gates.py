@@ -1,0 +1,152 @@
+"""Sample-level gates of the paper MoE; each returns a GateResult (raymoe/moe/routing.py).
+
+* SoftmaxGate, the "original" gate: g(x) = softmax(W_out ReLU(h_g(x)) / T) (spec §1.1). Dense.
+* AttentiveGate (spec §2): q = W_q h_g(x), k_e = W_k h_e(x) from expert e's pre-ReLU hidden layer,
+  a_e = q.k_e / sqrt(H), g = softmax(a). No value projection, no temperature. Dense; needs every expert's hidden.
+* TopKGate: p = softmax(W_out ReLU(h_g(x)) / T), keep the top k. Weights are renormalised over the kept experts
+  when `renormalize` (default: only when k > 1, as GShard); NOTE with k = 1 and renormalisation the single weight
+  is exactly 1, so the gate then gets no gradient from the task loss (only from regularisers).
+* NoisyTopKGate (Shazeer et al. 2017): H = x W_g + N(0,1) softplus(x W_noise) (+ noise_eps in the std) while
+  training only, G = softmax(KeepTopK(H, k)) (renormalised by default, as the paper's G), and the smooth load
+  estimate of their eq. 8-10 in load_E. x = ReLU(h_g(x)), the original gate's features. W_g and W_noise start
+  at zero as in the Hyper_MoE reference code, so all experts tie at first and only the noise breaks the tie.
+
+Dense gates report experts_NK = arange(E) for every item and weights_NK = probs_NE.
+Shape legend: N samples, E experts, K experts kept per sample, H gate/expert hidden width, B = N.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.moe.routing import GateResult
+
+
+def dense_result(probs_NE: torch.Tensor, logits_NE: torch.Tensor) -> GateResult:
+    """Every item goes to every expert with weight g_e."""
+    n, e = probs_NE.shape
+    experts_NK = torch.arange(e, device=probs_NE.device).expand(n, e)
+    return GateResult(probs_NE=probs_NE, weights_NK=probs_NE, experts_NK=experts_NK, logits_NE=logits_NE)
+
+
+class SoftmaxGate(nn.Module):
+    """The original gate: softmax(W_out ReLU(h_g(x)) / T)."""
+
+    dense = True
+    needs_expert_hidden = False
+
+    def __init__(self, trunk: nn.Module, num_experts: int, temperature: float = 1.0):
+        super().__init__()
+        self.trunk, self.num_experts, self.temperature = trunk, num_experts, temperature
+        self.out = nn.Linear(trunk.out_features, num_experts)
+
+    def forward(self, x: torch.Tensor) -> GateResult:
+        logits_NE = self.out(F.relu(self.trunk(x))) / self.temperature
+        return dense_result(torch.softmax(logits_NE, dim=-1), logits_NE)
+
+
+class AttentiveGate(nn.Module):
+    """Attention-like gate: query from the gate trunk, keys from the experts' hidden layers (spec §2)."""
+
+    dense = True
+    needs_expert_hidden = True
+
+    def __init__(self, trunk: nn.Module, num_experts: int, hidden: int):
+        super().__init__()
+        if trunk.out_features != hidden:
+            raise ValueError(f"gate trunk width {trunk.out_features} != expert hidden width {hidden}")
+        self.trunk, self.num_experts, self.hidden = trunk, num_experts, hidden
+        self.w_q = nn.Linear(hidden, hidden, bias=False)
+        self.w_k = nn.Linear(hidden, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, hidden_BEH: torch.Tensor) -> GateResult:
+        """hidden_BEH: every expert's pre-ReLU fc2 output for each sample (any strides)."""
+        q_BH = self.w_q(self.trunk(x))
+        k_BEH = self.w_k(hidden_BEH)
+        scores_BE = torch.einsum("bh,beh->be", q_BH, k_BEH) / math.sqrt(self.hidden)
+        return dense_result(torch.softmax(scores_BE, dim=-1), scores_BE)
+
+
+def keep_top_k(probs_NE: torch.Tensor, logits_NE: torch.Tensor, k: int, renormalize: bool,
+               load_E: torch.Tensor | None = None) -> GateResult:
+    """Top-k experts by probability (sorted, so slot 0 is the argmax expert)."""
+    weights_NK, experts_NK = probs_NE.topk(k, dim=-1)
+    if renormalize:
+        weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
+    return GateResult(probs_NE=probs_NE, weights_NK=weights_NK, experts_NK=experts_NK, logits_NE=logits_NE,
+                      load_E=load_E)
+
+
+class TopKGate(nn.Module):
+    """Softmax top-k on the original gate's logits (the reference's gate_layers_top_k + KeepTopK)."""
+
+    dense = False
+    needs_expert_hidden = False
+
+    def __init__(self, trunk: nn.Module, num_experts: int, top_k: int = 1, renormalize: bool | None = None,
+                 temperature: float = 1.0):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
+        self.trunk, self.num_experts, self.top_k, self.temperature = trunk, num_experts, top_k, temperature
+        self.renormalize = top_k > 1 if renormalize is None else renormalize
+        self.out = nn.Linear(trunk.out_features, num_experts)
+
+    def forward(self, x: torch.Tensor) -> GateResult:
+        logits_NE = self.out(F.relu(self.trunk(x))) / self.temperature
+        return keep_top_k(torch.softmax(logits_NE, dim=-1), logits_NE, self.top_k, self.renormalize)
+
+
+class NoisyTopKGate(nn.Module):
+    """Noisy top-k gating (Shazeer et al. 2017, eq. 3-5 and the load estimate of eq. 8-10)."""
+
+    dense = False
+    needs_expert_hidden = False
+
+    def __init__(self, trunk: nn.Module, num_experts: int, top_k: int = 1, renormalize: bool | None = None,
+                 noise_eps: float = 1e-2, temperature: float = 1.0):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
+        self.trunk, self.num_experts, self.top_k = trunk, num_experts, top_k
+        self.noise_eps, self.temperature = noise_eps, temperature
+        self.renormalize = True if renormalize is None else renormalize  # G = softmax(KeepTopK(H, k))
+        self.w_gate_HE = nn.Parameter(torch.zeros(trunk.out_features, num_experts))
+        self.w_noise_HE = nn.Parameter(torch.zeros(trunk.out_features, num_experts))
+
+    def forward(self, x: torch.Tensor) -> GateResult:
+        feats_NH = F.relu(self.trunk(x))
+        clean_NE = feats_NH @ self.w_gate_HE
+        if self.training:
+            std_NE = F.softplus(feats_NH @ self.w_noise_HE) + self.noise_eps
+            noisy_NE = clean_NE + torch.randn_like(clean_NE) * std_NE
+            load_E = smooth_load(clean_NE, noisy_NE, std_NE, self.top_k)
+        else:
+            noisy_NE, load_E = clean_NE, None
+        logits_NE = noisy_NE / self.temperature
+        result = keep_top_k(torch.softmax(logits_NE, dim=-1), logits_NE, self.top_k, self.renormalize, load_E)
+        if load_E is None:  # no noise at test: the load is the plain count of chosen experts
+            counts_E = torch.bincount(result.experts_NK.reshape(-1), minlength=self.num_experts)
+            result = GateResult(result.probs_NE, result.weights_NK, result.experts_NK, result.logits_NE,
+                                counts_E.to(clean_NE.dtype))
+        return result
+
+
+def smooth_load(clean_NE: torch.Tensor, noisy_NE: torch.Tensor, std_NE: torch.Tensor, k: int) -> torch.Tensor:
+    """Shazeer eq. 8-10: load_e = sum_n P(expert e stays in the top k when only its own noise is redrawn)
+    = sum_n Phi((clean_ne - kth_excluding(noisy_n, k, e)) / std_ne)."""
+    n, e = clean_NE.shape
+    if k >= e:  # every expert is always kept
+        return clean_NE.new_full((e,), float(n))
+    top_NK1 = noisy_NE.topk(k + 1, dim=-1).values
+    threshold_if_in_N1 = top_NK1[:, k:k + 1]  # e in the top k: it must beat the (k+1)-th value
+    threshold_if_out_N1 = top_NK1[:, k - 1:k]  # e outside: it must beat the k-th value
+    is_in_NE = noisy_NE > threshold_if_in_N1
+    normal = torch.distributions.Normal(clean_NE.new_zeros(()), clean_NE.new_ones(()))
+    prob_NE = torch.where(is_in_NE, normal.cdf((clean_NE - threshold_if_in_N1) / std_NE),
+                          normal.cdf((clean_NE - threshold_if_out_N1) / std_NE))
+    return prob_NE.sum(0)

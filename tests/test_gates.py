@@ -1,0 +1,100 @@
+"""Sample-level gates: hand-computed attentive scores, distributions, top-k selection, Shazeer's smooth load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from raymoe.config.load import load_experiment
+from raymoe.models.build import build_gate
+from raymoe.moe.gates import AttentiveGate, NoisyTopKGate, SoftmaxGate, smooth_load
+
+
+class FlatTrunk(nn.Module):
+    """h_g(x) = x itself, so the gate's own math can be checked by hand."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.out_features = width
+
+    def forward(self, x):
+        return x
+
+
+def test_attentive_gate_equals_hand_computation():
+    gate = AttentiveGate(FlatTrunk(2), num_experts=2, hidden=2)
+    with torch.no_grad():
+        gate.w_q.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        gate.w_k.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    h_g = torch.tensor([[1.0, 1.0]])  # q = (1, 2)
+    hidden_BEH = torch.tensor([[[1.0, 0.0], [0.0, 3.0]]])  # k_0 = (0, 1), k_1 = (3, 0)
+    result = gate(h_g, hidden_BEH)
+    # a_0 = (1*0 + 2*1)/sqrt(2) = sqrt(2), a_1 = (1*3 + 2*0)/sqrt(2) = 3/sqrt(2)
+    a = torch.tensor([[math.sqrt(2), 3 / math.sqrt(2)]])
+    torch.testing.assert_close(result.logits_NE, a)
+    e0 = 1 / (1 + math.exp(3 / math.sqrt(2) - math.sqrt(2)))
+    torch.testing.assert_close(result.probs_NE, torch.tensor([[e0, 1 - e0]]))
+    assert torch.equal(result.experts_NK, torch.tensor([[0, 1]]))
+    assert result.weights_NK is result.probs_NE and result.load_E is None
+
+
+def test_softmax_gate_temperature():
+    gate = SoftmaxGate(FlatTrunk(3), num_experts=2, temperature=2.0)
+    with torch.no_grad():
+        gate.out.weight.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        gate.out.bias.zero_()
+    result = gate(torch.tensor([[2.0, -1.0, 5.0]]))  # ReLU -> (2, 0, 5); logits (2, 0) / T = (1, 0)
+    torch.testing.assert_close(result.probs_NE, torch.softmax(torch.tensor([[1.0, 0.0]]), 1))
+
+
+@pytest.mark.parametrize("kind", ["softmax", "attentive", "topk", "noisy_topk"])
+def test_gate_probabilities_are_distributions(kind):
+    torch.manual_seed(0)
+    cfg = load_experiment(raw={"name": "t", "data": {"name": "mnist"}, "model": {"num_experts": 4},
+                               "gate": {"kind": kind, "top_k": 2}})
+    gate = build_gate(cfg, 1, 28)
+    x = torch.randn(6, 1, 28, 28)
+    result = gate(x, torch.randn(6, 4, 32)) if kind == "attentive" else gate(x)
+    torch.testing.assert_close(result.probs_NE.sum(1), torch.ones(6))
+    assert (result.probs_NE >= 0).all()
+    k = 4 if kind in ("softmax", "attentive") else 2
+    assert result.experts_NK.shape == result.weights_NK.shape == (6, k)
+    torch.testing.assert_close(result.weights_NK.sum(1), torch.ones(6))  # dense, or renormalised top-2
+    if k == 2:  # sorted top-k: slot 0 is the argmax expert the metrics use
+        assert torch.equal(result.experts_NK[:, 0], result.top1_N)
+
+
+def test_noisy_topk_weights_are_softmax_of_kept_noisy_logits():
+    torch.manual_seed(0)
+    gate = NoisyTopKGate(FlatTrunk(5), num_experts=4, top_k=2, noise_eps=0.5)
+    nn.init.normal_(gate.w_gate_HE)
+    nn.init.normal_(gate.w_noise_HE)
+    result = gate(torch.randn(7, 5))
+    h = result.logits_NE  # H(x), noisy in training mode
+    kept = h.gather(1, result.experts_NK)
+    torch.testing.assert_close(result.weights_NK, torch.softmax(kept, 1))  # G = softmax(KeepTopK(H, k))
+    assert result.load_E.requires_grad
+    gate.eval()  # no noise at test time
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(gate(x).logits_NE, torch.relu(x) @ gate.w_gate_HE)
+    assert torch.equal(gate(x).load_E, torch.bincount(gate(x).experts_NK.reshape(-1), minlength=4).float())
+
+
+def test_smooth_load_equals_brute_force():
+    torch.manual_seed(0)
+    n, e, k = 6, 5, 2
+    clean = torch.randn(n, e)
+    std = torch.rand(n, e) + 0.1
+    noisy = clean + torch.randn(n, e) * std
+    normal = torch.distributions.Normal(0.0, 1.0)
+    expected = torch.zeros(e)
+    for i in range(n):
+        for j in range(e):
+            others = torch.cat([noisy[i, :j], noisy[i, j + 1:]])
+            kth_excluding = others.sort(descending=True).values[k - 1]
+            expected[j] += normal.cdf((clean[i, j] - kth_excluding) / std[i, j])
+    torch.testing.assert_close(smooth_load(clean, noisy, std, k), expected)
+    torch.testing.assert_close(smooth_load(clean, noisy, std, e), torch.full((e,), float(n)))
