@@ -216,6 +216,7 @@ def test_grid_expands_rows_times_grid_times_seeds(tmp_path):
     labels = {p.label for p in sweep.points}
     assert len(labels) == 1 + 5 + 6
     assert {p.seed for p in sweep.points} == {0, 1, 2}
+    assert [p.index for p in sweep.points] == list(range(sweep.num_trials))
     assert {p.category for p in sweep.points} == {"original", "original_importance", "original_ls"}
     bad = dict(raw, rows=[{"method": "original.yaml", "grid": {"regularizer.importance": [-1.0]}}])
     with pytest.raises(ConfigError) as info:

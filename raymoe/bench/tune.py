@@ -83,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
               if run.info.run_name in timings]
     train_s = sum(t["train_s"] for t in trials)
     startups = [t["startup_s"] for t in trials if "startup_s" in t]
+    tails = [t["tail_s"] for t in trials if "tail_s" in t]
+
+    def median(values: list[float]) -> float | None:
+        return round(statistics.median(values), 1) if values else None
+
     result = {
         "trials": len(trials), "concurrency": args.concurrency, "wall_s": round(wall, 1),
         "train_steps_s": round(train_s, 1), "eval_s": round(sum(t["eval_s"] for t in trials), 1),
@@ -90,14 +95,13 @@ def run(args: argparse.Namespace) -> int:
         "ray_start_s": round(outcome.timings.get("ray_start_s", 0.0), 1),
         "driver_setup_s": round(outcome.timings.get("checks_s", 0.0) + outcome.timings.get("setup_s", 0.0), 1),
         "report_s": round(outcome.timings.get("report_s", 0.0), 1),
-        "startup_s_median": round(statistics.median(startups), 1) if startups else None,
-        "startup_s_max": round(max(startups), 1) if startups else None,
-        "tail_s_median": round(statistics.median([t["tail_s"] for t in trials if "tail_s" in t]), 1) if trials else None,
-        "train_s_per_trial_median": round(statistics.median([t["train_s"] for t in trials]), 1) if trials else None,
+        "startup_s_median": median(startups), "startup_s_max": round(max(startups), 1) if startups else None,
+        "tail_s_median": median(tails), "train_s_per_trial_median": median([t["train_s"] for t in trials]),
         "scratch": str(scratch),
     }
     if not args.json:
-        print("\nper trial (seconds): start-up = trial entered -> first epoch begins; tail = last epoch -> trial returns")
+        print("\nper trial (seconds): start-up = trial entered -> first epoch begins; "
+              "tail = last epoch -> trial returns")
         print(f"{'run':<28}{'epochs':>7}{'startup':>9}{'train':>8}{'eval':>7}{'tail':>7}{'total':>8}")
         for t in trials:
             print(f"{t['run']:<28}{t['epochs']:>7}{t.get('startup_s', float('nan')):>9.1f}{t['train_s']:>8.1f}"

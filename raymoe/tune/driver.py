@@ -144,8 +144,10 @@ def _tune_config(sweep: Sweep, concurrency: int):
     scheduler = None
     if cfg.scheduler is not None and cfg.scheduler.asha is not None:
         asha = cfg.scheduler.asha
+        # max_t one past the last epoch: a trial that survives every rung ends by itself (train_fn closes its
+        # MLflow run and logs its figures) instead of being stopped by ASHA at max_t
         scheduler = ray.tune.schedulers.ASHAScheduler(
-            metric=metric, mode=mode, time_attr="training_iteration", max_t=asha.max_t or sweep.epochs,
+            metric=metric, mode=mode, time_attr="training_iteration", max_t=asha.max_t or sweep.epochs + 1,
             grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
     return ray.tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=sweep.num_trials,
                                max_concurrent_trials=concurrency, reuse_actors=True, **names)
@@ -219,7 +221,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             applied=[k for k, spec in sweep.space.items() if spec.apply],
             row_raws={k: _absolute_paths(v) for k, v in sweep.row_raws.items()}, seeds=sweep.config.seed_list,
             timing_dir=timing_dir)
-        trainable = _trainable(plan, sweep, run_trial)
+        trainable = _trainable(plan, run_trial)
         timings["setup_s"] = time.perf_counter() - t0 - timings["checks_s"] - timings["ray_start_s"]
         print(f"raymoe tune: sweep {sweep.name}: {sweep.num_trials} trial(s), up to {concurrency} at once; "
               f"MLflow parent run {parent.run_id} in {uri} (experiment {experiment!r})", flush=True)
@@ -255,7 +257,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             ray.shutdown()
 
 
-def _trainable(plan, sweep: Sweep, run_trial):
+def _trainable(plan, run_trial):
     import ray.tune
 
     from raymoe.tune.resources import TRIAL_DRIVER_CPUS

@@ -48,6 +48,7 @@ def expand_grid(rows: list[GridRow], seeds: list[int], sweep_dir: Path) -> list[
     for row in rows:
         method = str((Path(sweep_dir) / row.method).resolve())
         for overrides in expand_row(row):
-            points.extend(GridPoint(row_category(row), method, overrides, seed, len(points) + i)
-                          for i, seed in enumerate(seeds))
+            start = len(points)
+            points.extend([GridPoint(row_category(row), method, overrides, seed, start + i)
+                           for i, seed in enumerate(seeds)])
     return points

@@ -168,9 +168,13 @@ def reconcile_children(plan: TrialPlan, trials: list[tuple[str, str, str | None]
         runs = find_runs(client, experiment_id, run_name)
         if status == "TERMINATED":
             if runs and runs[0].info.status != finished and FAILURE_TAG not in runs[0].data.tags:
-                _retry(client.set_tag, runs[0].info.run_id, STOPPED_EARLY_TAG, "true")  # ASHA stopped it
-                _retry(client.set_terminated, runs[0].info.run_id, "FINISHED")
-                changed["stopped_early"] += 1
+                run = runs[0]
+                done = max((m.step for m in _retry(client.get_metric_history, run.info.run_id, "test_error")),
+                           default=0)
+                if done < int(run.data.params.get("train.epochs", done + 1)):  # a scheduler stopped it (ASHA)
+                    _retry(client.set_tag, run.info.run_id, STOPPED_EARLY_TAG, "true")
+                    changed["stopped_early"] += 1
+                _retry(client.set_terminated, run.info.run_id, "FINISHED")
             elif not runs:
                 changed["missing"] += 1
         elif status == "ERROR":

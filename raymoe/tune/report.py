@@ -97,8 +97,7 @@ def collect_rows(client, parent) -> list[TrialRow]:
             index=int(tags.get(TRIAL_INDEX_TAG, -1)), run_name=run.info.run_name, run_id=run.info.run_id,
             status=run.info.status, point=tags.get(POINT_TAG, ""), seed=tags.get(SEED_TAG, ""),
             category=tags.get(CATEGORY_TAG), params=json.loads(tags.get(PARAMS_TAG, "{}")),
-            metrics={k: v for k, v in run.data.metrics.items()}, epochs=len({m.step for m in history}), note=note))
-        rows[-1].params.pop("trial_id", None)
+            metrics=dict(run.data.metrics), epochs=len({m.step for m in history}), note=note))
     return sorted(rows, key=lambda r: (r.index, r.run_name))
 
 
@@ -299,7 +298,8 @@ def format_report(report: SweepReport) -> str:
         parts += ["", f"{label} ({', '.join(f'{m} {o}' for m, o in zip(report.metrics, report.modes))}):"]
         for row in report.best:
             values = ", ".join(f"{m} {row.metrics[m]:.4g}" for m in report.metrics)
-            parts.append(f"  trial {row.index} ({row.run_name}): {values}; params {json.dumps(row.params, default=str)}")
+            params = json.dumps(row.params, default=str)
+            parts.append(f"  trial {row.index} ({row.run_name}): {values}; params {params}")
     if report.seed_table:
         parts += ["", "mean +- std over seeds:", text_table(report.seed_table)]
     if report.paper_table:

@@ -54,7 +54,8 @@ class SeedRepeatSearch(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         point = self.trial_point.get(trial_id)
-        if point is not None and len(self.seeds) == 1 and isinstance(self.metric, str) and self.metric in result:  # per-epoch values only for 1 seed
+        single = len(self.seeds) == 1 and isinstance(self.metric, str)  # per-epoch values mean nothing per point
+        if point is not None and single and self.metric in result:  # otherwise (seeds, multi-objective)
             self.inner.on_trial_result(point, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

@@ -120,7 +120,8 @@ def _check_top_level(cfg: SweepConfig) -> None:
     _require(len(metrics) >= 1, "metric", cfg.metric, "give at least one metric")
     for i, metric in enumerate(metrics):
         where = "metric" if isinstance(cfg.metric, str) else f"metric[{i}]"
-        _require(metric in LOOP_METRICS, where, metric, f"unknown metric; the training loop reports {list(LOOP_METRICS)}")
+        _require(metric in LOOP_METRICS, where, metric,
+                 f"unknown metric; the training loop reports {list(LOOP_METRICS)}")
     _require(len(set(metrics)) == len(metrics), "metric", cfg.metric, "lists a metric twice")
     _require(len(modes) == len(metrics), "mode", cfg.mode,
              f"needs one of min/max per metric ({len(metrics)} metric(s), {len(modes)} mode(s))")
@@ -253,7 +254,8 @@ def _check_spec(key: str, spec: ParamSpec, where: str) -> None:
                      "only int/float/loguniform parameters take low/high/step")
         _require(not spec.log, f"{where}.log", spec.log, "only numeric parameters can be log-scaled")
         return
-    _require(spec.choices is None, f"{where}.choices", spec.choices, f"a {spec.type} parameter takes low/high, not choices")
+    _require(spec.choices is None, f"{where}.choices", spec.choices,
+             f"a {spec.type} parameter takes low/high, not choices")
     _require(spec.low is not None, f"{where}.low", None, "required for numeric parameters")
     _require(spec.high is not None, f"{where}.high", None, "required for numeric parameters")
     for bound in ("low", "high", "step"):
