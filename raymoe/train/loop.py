@@ -84,7 +84,7 @@ def build_for(cfg: ExperimentConfig, data, device: torch.device) -> nn.Module:
                                          "checkpoint is from another architecture (" + "; ".join(diffs) + ")")
         try:
             model = build_distilled(cfg, state_dict, data.num_classes, data.in_channels, data.image_size)
-        except (RuntimeError, KeyError) as exc:
+        except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointMismatch("train.distill_from", path,
                                      f"checkpoint does not fit this model: {str(exc).splitlines()[0]}") from None
     return model.to(device)

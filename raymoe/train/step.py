@@ -40,7 +40,8 @@ class EpochResult:
     steps: int
     seconds: float
     data_seconds: float  # time spent waiting for batches (the data pipeline's share of step time)
-    parts: dict[str, float] = field(default_factory=dict)  # unweighted regularizer terms, mean over steps
+    # unweighted regularizer terms, mean over steps (with no regularizer weighted and several ranks: rank-local)
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 def regularizer_active(reg: RegularizerConfig) -> bool:
@@ -106,14 +107,14 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         log_probs_BC = out.log_probs_BC
         nll_sum = F.nll_loss(log_probs_BC, y, reduction="sum")
         loss = nll_sum / global_n
+        if use_reg and ctx.distributed:  # batch-level terms need the whole global batch
+            reg = regularize(reg_cfg, gather_model_output(out, ctx), all_gather_nograd(x, ctx))
+        else:  # unweighted terms such as importance are still logged (cheap); total is 0 when inactive
+            reg = regularize(reg_cfg, out, x)
         if use_reg:
-            if ctx.distributed:
-                reg = regularize(reg_cfg, gather_model_output(out, ctx), all_gather_nograd(x, ctx))
-            else:
-                reg = regularize(reg_cfg, out, x)
             loss = loss + reg.total / ctx.world_size
-            for name, value in reg.parts.items():
-                part_sums[name] = part_sums.get(name, 0.0) + value.detach()
+        for name, value in reg.parts.items():
+            part_sums[name] = part_sums.get(name, 0.0) + value.detach()
         if out.aux_loss is not None:  # a mean over this rank's items: average it over ranks like the NLL
             loss = loss + out.aux_loss / ctx.world_size
         correct = (log_probs_BC.detach().argmax(dim=1) == y).sum()

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny data sets in the real MNIST/Fashion-MNIST IDX format, and process-state hygiene."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def write_idx_images(path: Path, images_NHW: np.ndarray) -> None:
+    """IDX3: magic 0x00000803, count, rows, cols (big-endian int32), then uint8 pixels; gzip'd."""
+    n, h, w = images_NHW.shape
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, n, h, w))
+        f.write(np.ascontiguousarray(images_NHW, dtype=np.uint8).tobytes())
+
+
+def write_idx_labels(path: Path, labels_N: np.ndarray) -> None:
+    """IDX1: magic 0x00000801, count, then uint8 labels; gzip'd."""
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">II", 0x801, len(labels_N)))
+        f.write(np.asarray(labels_N, dtype=np.uint8).tobytes())
+
+
+def learnable_images(labels_N: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """28x28 noise with a bright bar whose row depends on the class: easy to learn in one or two epochs."""
+    n = len(labels_N)
+    images = rng.integers(0, 60, size=(n, 28, 28))
+    for i, c in enumerate(labels_N):
+        row = 3 + 2 * int(c)
+        images[i, row:row + 2, 4:24] = 255
+    return images.astype(np.uint8)
+
+
+def write_idx_dataset(root: Path, n_train: int = 256, n_test: int = 128, seed: int = 0,
+                      layout: str = "flat") -> Path:
+    """Write an MNIST-format data set (10 classes) under `root`.
+
+    layout "flat": the four .gz files directly in root (like Debian's /usr/share/datasets/fashion-mnist);
+    "torchvision": root/FashionMNIST/raw/ as torchvision.datasets.FashionMNIST expects.
+    Returns the folder holding the files.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root if layout == "flat" else root / "FashionMNIST" / "raw"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        images_file, labels_file = IDX_FILES[split]
+        write_idx_images(folder / images_file, learnable_images(labels, rng))
+        write_idx_labels(folder / labels_file, labels)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_fmnist_root(tmp_path_factory) -> Path:
+    """A data.root holding 256 training / 128 test images in the real Fashion-MNIST IDX format (.gz files in
+    torchvision's FashionMNIST/raw layout)."""
+    root = tmp_path_factory.mktemp("tiny_fmnist")
+    write_idx_dataset(root, 256, 128, layout="torchvision")
+    return root
+
+
+@pytest.fixture
+def restore_torch_state():
+    """In-process training sets torch's global switches (threads, deterministic kernels); put them back."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
