@@ -48,7 +48,7 @@ def expert_class_heatmap(counts_EC: np.ndarray, title: str, class_axis: str) -> 
 
 
 def usage_bars(usage_E: np.ndarray, title: str) -> Figure:
-    """Share of samples routed to each expert; the dashed line is perfectly balanced use (1/E)."""
+    """Each expert's share of the summed gate probabilities; the dashed line is perfectly balanced use (1/E)."""
     usage_E = np.asarray(usage_E, dtype=float)
     share_E = usage_E / usage_E.sum() if usage_E.sum() > 0 else usage_E
     E = len(share_E)
@@ -57,7 +57,7 @@ def usage_bars(usage_E: np.ndarray, title: str) -> Figure:
     ax.bar(range(E), share_E, color="tab:blue")
     ax.axhline(1.0 / max(E, 1), color="gray", linestyle="--", linewidth=1, label="balanced")
     ax.set_xlabel("expert")
-    ax.set_ylabel("share of samples")
+    ax.set_ylabel("share of gate probability mass")
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
     return fig
@@ -105,7 +105,7 @@ def specialization_figures(matrices: dict[str, np.ndarray], split: str = "test")
         if usage is None and counts_true is not None:
             usage = np.asarray(counts_true).sum(axis=1)
         if usage is not None:
-            out[f"{folder}expert_usage.png"] = usage_bars(usage, f"{split}: expert usage{where}")
+            out[f"{folder}expert_usage.png"] = usage_bars(usage, f"{split}: expert usage (mean gate probability){where}")
         hist = arrays.get("entropy_hist")
         if hist is not None:
             num_experts = len(usage) if usage is not None else 2

@@ -200,6 +200,8 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
 
         tracked = TrackedRun.open(loop_config, describe_environment(device, ctx.world_size))
     try:
+        if done > tracked.last_step and last_metrics:  # a restart between checkpoint and MLflow logging
+            tracked.log_metrics(last_metrics, done)
         if done >= cfg.train.epochs:
             say(f"{run_name} already finished {done} epochs (train.epochs = {cfg.train.epochs}); "
                 f"its final metrics are reported again", flush=True)
