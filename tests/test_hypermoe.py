@@ -76,9 +76,10 @@ def test_adapter_depends_only_on_the_unselected_set():
     torch.manual_seed(1)
     hm = _hyper()
     experts_NK = torch.tensor([[1, 3], [3, 1], [1, 4], [0, 5]])
-    unselected_UE, set_N = hm.unselected_sets(experts_NK)
+    unselected_UE, set_N, order_R, counts = hm.unselected_sets(experts_NK)
     assert set_N[0] == set_N[1] and len(set(set_N.tolist())) == 3  # order within the selection is irrelevant
     assert unselected_UE[set_N[0]].tolist() == [1, 0, 1, 0, 1, 1]
+    assert torch.equal(set_N[order_R], torch.tensor([0, 0, 1, 2])) and counts == [2, 1, 1]  # grouped by set
     x = torch.randn(1, D).expand(4, D)  # the same token four times
     y = hm(x, experts_NK, layer_index=0)
     torch.testing.assert_close(y[0], y[1])
@@ -157,3 +158,17 @@ def test_one_hypernetwork_is_shared_by_all_moe_layers_of_the_vit():
     rows = model.hypernet.layer_embed.weight.grad.abs().sum(1)
     assert rows[1] > 0 and rows[3] > 0 and rows[0] == 0 and rows[2] == 0  # both layers train the one generator
     assert isinstance(model.hypernet, nn.Module)
+
+
+def test_more_than_62_experts_use_the_row_unique_path():
+    torch.manual_seed(5)
+    hypernet = HyperNetwork(1, D, input_dim=12, bottleneck=10, layer_embed_dim=3, adapter_dim=8)
+    with torch.no_grad():
+        for p in hypernet.parameters():
+            p.normal_(0, 0.3)
+    hm = HyperMoE(70, hypernet, expert_embed_dim=7, process_dim=9)
+    x = torch.randn(20, D)
+    experts_NK = torch.stack([torch.randperm(70)[:2] for _ in range(10)]).repeat(2, 1)  # every set twice
+    sets = hm.unselected_sets(experts_NK)
+    assert sets.unselected_UE.shape == (10, 70) and sets.counts == [2] * 10
+    torch.testing.assert_close(hm(x, experts_NK, 0), _naive_per_token(hm, x, experts_NK, 0), rtol=1e-5, atol=1e-5)

@@ -6,9 +6,12 @@ For each size and k in (1, 2), with one set of random inputs and weights, it tim
   * dense_chunked: a dense GELU FFN with the same active FLOPs (hidden k * d_ff) run over the tokens in E equal
                    chunks, i.e. what the experts' GEMMs would cost with perfectly even groups;
   * naive:         the same router and experts as a per-expert loop: mask, gather, FFN, weight, index_add;
-  * hypermoe:      the layer plus HyperMoE (code-default sizes: embeddings/hypernetwork 128, adapter 64).
+  * hypermoe:      the layer plus HyperMoE (code-default sizes: embeddings/hypernetwork 128, adapter
+                   --adapter-dim, default 64).
 Prints one JSON line per (size, k) with ratio_vs_dense = layer / dense_chunked, ratio_vs_naive = layer / naive and
-hypermoe_overhead = hypermoe / layer - 1. float32; threads = torch.get_num_threads() unless --threads.
+hypermoe_overhead = hypermoe / layer - 1, from wall-clock medians; on CPU the same ratios from process CPU-time
+medians too ("cpu_time"), which other jobs on a shared machine disturb far less (exact for --threads 1).
+float32; threads = torch.get_num_threads() unless --threads.
 
 Shape legend: N tokens, D model dim, F expert hidden, E experts, K experts per token.
 """
@@ -43,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impl", choices=["auto", "grouped_mm", "loop"], default="auto",
                         help="expert GEMM path of the layer")
     parser.add_argument("--no-hypermoe", action="store_true", help="skip the HyperMoE overhead measurement")
+    parser.add_argument("--adapter-dim", type=int, default=64,
+                        help="HyperExpert bottleneck b (Hyper_MoE code default 64, there with d = 768, d_ff = 3072)")
 
 
 def _naive_moe(layer: TokenMoE, x_ND: torch.Tensor) -> torch.Tensor:
@@ -56,7 +61,7 @@ def _naive_moe(layer: TokenMoE, x_ND: torch.Tensor) -> torch.Tensor:
         w = (gate.weights_NK * hit_NK).sum(dim=1)[tok].unsqueeze(1)
         x_e = x_ND[tok]
         h = F.gelu(torch.addmm(ex.b1_EF[e], x_e, ex.w1_EDF[e]))
-        y_ND = y_ND.index_add(0, tok, w * torch.addmm(ex.b2_ED[e], h, ex.w2_EFD[e]))
+        y_ND.index_add_(0, tok, w * torch.addmm(ex.b2_ED[e], h, ex.w2_EFD[e]))
     return y_ND
 
 
@@ -70,26 +75,28 @@ def _sync(device: torch.device) -> None:
 
 
 def _time_variants(fns: dict, params: dict, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int,
-                   device: torch.device) -> dict[str, float]:
-    """Median forward+backward milliseconds per variant, interleaved round-robin."""
-    times = {name: [] for name in fns}
+                   device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and process-CPU milliseconds of every timed forward+backward, variants interleaved."""
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     for i in range(warmup + iters):
         for name, fn in fns.items():
             for p in params[name]:
                 p.grad = None
             x.grad = None
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = fn(x)
             out.backward(grad)
             _sync(device)
             if i >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+    return wall, cpu
 
 
 def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: int, device: torch.device,
-               impl: str, hypermoe: bool) -> dict:
+               impl: str, hypermoe: bool, adapter_dim: int = 64) -> dict:
     torch.manual_seed(0)
     layer = TokenMoE(d, d_ff, e, TopKRouter(d, e, top_k=k), capacity_factor=None, impl=impl).to(device)
     dense = FeedForward(d, k * d_ff).to(device)
@@ -98,7 +105,7 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
     params = {"layer": list(layer.parameters()), "dense_chunked": list(dense.parameters()),
               "naive": list(layer.parameters())}
     if hypermoe:
-        hypernet = HyperNetwork(num_layers=1, dim=d).to(device)
+        hypernet = HyperNetwork(num_layers=1, dim=d, adapter_dim=adapter_dim).to(device)
         hyper_layer = TokenMoE(d, d_ff, e, layer.router, capacity_factor=None, impl=impl,
                                hypermoe=HyperMoE(e, hypernet).to(device)).to(device)
         hyper_layer.experts.load_state_dict(layer.experts.state_dict())
@@ -108,15 +115,23 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
     grad = torch.randn(n, d, device=device)
     with torch.no_grad():
         load = layer(x)[2]["load_E"]
-    ms = _time_variants(fns, params, x, grad, iters, warmup, device)
+    wall, cpu = _time_variants(fns, params, x, grad, iters, warmup, device)
+    ms = {name: statistics.median(v) for name, v in wall.items()}
     row = {"bench": "moe_layer", "T": n, "d": d, "d_ff": d_ff, "E": e, "top_k": k,
            "layer_ms": round(ms["layer"], 2), "dense_chunked_ms": round(ms["dense_chunked"], 2),
            "naive_ms": round(ms["naive"], 2), "ratio_vs_dense": round(ms["layer"] / ms["dense_chunked"], 3),
            "ratio_vs_naive": round(ms["layer"] / ms["naive"], 3),
            "max_load_over_mean": round(float(load.max() / load.mean()), 2)}
     if hypermoe:
+        row["adapter_dim"] = adapter_dim
         row["hypermoe_ms"] = round(ms["hypermoe"], 2)
         row["hypermoe_overhead"] = round(ms["hypermoe"] / ms["layer"] - 1, 3)
+    if device.type == "cpu":  # CPU time is far less disturbed than wall time by other jobs on a shared machine
+        c = {name: statistics.median(v) for name, v in cpu.items()}
+        row["cpu_time"] = {"ratio_vs_dense": round(c["layer"] / c["dense_chunked"], 3),
+                           "ratio_vs_naive": round(c["layer"] / c["naive"], 3)}
+        if hypermoe:
+            row["cpu_time"]["hypermoe_overhead"] = round(c["hypermoe"] / c["layer"] - 1, 3)
     return row
 
 
@@ -135,5 +150,5 @@ def run(args: argparse.Namespace) -> int:
     for n, d, d_ff, e in sizes:
         for k in (1, 2):
             print(json.dumps(bench_size(n, d, d_ff, e, k, iters, warmup, device, args.impl,
-                                        hypermoe=not args.no_hypermoe)), flush=True)
+                                        hypermoe=not args.no_hypermoe, adapter_dim=args.adapter_dim)), flush=True)
     return 0

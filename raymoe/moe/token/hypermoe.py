@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,16 @@ class AdapterWeights:
     b_down_UB: torch.Tensor
     w_up_UBD: torch.Tensor
     b_up_UD: torch.Tensor
+
+
+class SelectionSets(NamedTuple):
+    """unselected_UE: 0/1 float mask of the experts NOT chosen, one row per distinct set; set_N: each token's set;
+    order_R: token indices sorted by set (stable); counts: tokens per set (python ints)."""
+
+    unselected_UE: torch.Tensor
+    set_N: torch.Tensor
+    order_R: torch.Tensor
+    counts: list[int]
 
 
 class HyperNetwork(nn.Module):
@@ -97,25 +108,29 @@ class HyperMoE(nn.Module):
     def hypernet(self) -> HyperNetwork:
         return self._hypernet[0]
 
-    def unselected_sets(self, experts_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distinct selection sets in the batch.
+    def unselected_sets(self, experts_NK: torch.Tensor) -> SelectionSets:
+        """Distinct selection sets in the batch, and the tokens grouped by set.
 
         Args:
             experts_NK: selected expert ids (distinct per token, all >= 0).
         Returns:
-            unselected_UE (float 0/1 mask of the experts NOT chosen, one row per distinct set) and
-            set_N (index of each token's set).
+            SelectionSets (see there).
         """
-        e = self.num_experts
-        selected_NE = torch.zeros(experts_NK.shape[0], e, dtype=torch.bool, device=experts_NK.device)
+        e, dev = self.num_experts, experts_NK.device
+        selected_NE = torch.zeros(experts_NK.shape[0], e, dtype=torch.bool, device=dev)
         selected_NE.scatter_(1, experts_NK, True)
-        if e <= 62:  # one int64 code per set; unique over codes is much cheaper than unique over rows
-            bits_E = torch.ones(e, dtype=torch.long, device=experts_NK.device) << torch.arange(e, device=experts_NK.device)
-            codes_U, set_N = torch.unique((selected_NE.long() * bits_E).sum(-1), return_inverse=True)
+        if e <= 62:  # one int64 code per set: a single sort gives the sets, their sizes and the token order
+            bits_E = torch.ones(e, dtype=torch.long, device=dev) << torch.arange(e, device=dev)
+            codes_R, order_R = torch.sort((selected_NE.long() * bits_E).sum(-1), stable=True)
+            codes_U, counts_U = torch.unique_consecutive(codes_R, return_counts=True)
             selected_UE = (codes_U[:, None] & bits_E) != 0
+            set_R = torch.repeat_interleave(torch.arange(codes_U.shape[0], device=dev), counts_U)
+            set_N = torch.empty_like(set_R).scatter_(0, order_R, set_R)
         else:
             selected_UE, set_N = torch.unique(selected_NE, dim=0, return_inverse=True)
-        return (~selected_UE).float(), set_N
+            order_R = torch.argsort(set_N, stable=True)
+            counts_U = torch.bincount(set_N, minlength=selected_UE.shape[0])
+        return SelectionSets((~selected_UE).float(), set_N, order_R, counts_U.tolist())
 
     def generate(self, unselected_UE: torch.Tensor, layer_index: int) -> AdapterWeights:
         """s = sum of the unselected experts' embeddings -> embedding_process -> shared hypernetwork."""
@@ -134,10 +149,9 @@ class HyperMoE(nn.Module):
         Returns:
             y_ND (or out_ND + y_ND).
         """
-        unselected_UE, set_N = self.unselected_sets(experts_NK)
-        w = self.generate(unselected_UE, layer_index)
-        order_R = torch.argsort(set_N, stable=True)
-        counts = torch.bincount(set_N, minlength=unselected_UE.shape[0]).tolist()
+        sets = self.unselected_sets(experts_NK)
+        w = self.generate(sets.unselected_UE, layer_index)
+        order_R, counts = sets.order_R, sets.counts
         dt = x_ND.dtype
         y_RD = grouped_ffn(x_ND.index_select(0, order_R), w.w_down_UDB.to(dt), w.b_down_UB.to(dt),
                            w.w_up_UBD.to(dt), w.b_up_UD.to(dt), counts, F.relu)

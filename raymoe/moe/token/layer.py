@@ -3,8 +3,10 @@
     y = sum_{kept (token, expert) pairs} w * Expert_e(x)   [+ HyperExpert(x)]   [+ SharedFFN(x)]
 
 Flow: router -> (capacity dropping) -> dispatcher.dispatch -> experts.forward_grouped -> dispatcher.combine ->
-weights * y, index_add back to the tokens. The layer touches the experts ONLY through `self.dispatcher` and
-`self.experts.forward_grouped`, so expert parallelism can swap both from outside (all_to_all.py:
+weights * y, summed back per token (token choice: the N*K pairs are token-major, so copy and sum are reshapes;
+expert choice: only chosen pairs are sent and index_add brings them back).
+The layer touches the experts ONLY through `self.dispatcher` and `self.experts.forward_grouped`, so expert
+parallelism can swap both from outside (all_to_all.py:
 `layer.dispatcher = AllToAllDispatcher(...)`, `layer.experts = layer.experts.shard(ep_rank, ep_size)`);
 nothing here assumes all experts are local (except the attentive router, which says so).
 
@@ -79,8 +81,7 @@ class TokenMoE(nn.Module):
             kept_NK = within_capacity(selected_NK, cap, self.num_experts)
             gate = dataclasses.replace(gate, experts_NK=torch.where(kept_NK, selected_NK, -1),
                                        weights_NK=torch.where(kept_NK, gate.weights_NK, 0.0))
-        y_ND = self._routed_experts(x_ND, gate.experts_NK, gate.weights_NK,
-                                    may_drop=self.capacity_factor is not None or not self.router.token_choice)
+        y_ND = self._routed_experts(x_ND, gate.experts_NK, gate.weights_NK)
         # in-place adds: y_ND is this layer's own fresh tensor and no backward formula needs its value
         if self.hypermoe is not None:
             y_ND = self.hypermoe(x_ND, selected_NK, self.layer_index, out_ND=y_ND)
@@ -96,23 +97,22 @@ class TokenMoE(nn.Module):
         stats = {"dropped_frac": torch.tensor(dropped, device=x.device), "load_E": load_E}
         return y_ND.view(x.shape), gate, stats
 
-    def _routed_experts(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
-                        may_drop: bool) -> torch.Tensor:
+    def _routed_experts(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """sum over a token's kept pairs of weight * expert(x), through dispatch / grouped experts / combine."""
         n, k = experts_NK.shape
-        if k == 1:  # pairs are the tokens themselves: no gather, no scatter-add
-            tok_P, x_PD, experts_P, weights_P = None, x_ND, experts_NK[:, 0], weights_NK[:, 0]
-        else:
-            experts_P, weights_P = experts_NK.reshape(-1), weights_NK.reshape(-1)
-            if may_drop:  # send only kept pairs (expert choice has K = E mostly-empty slots)
-                pair_P = (experts_P >= 0).nonzero().squeeze(1)
-                tok_P, experts_P, weights_P = pair_P // k, experts_P[pair_P], weights_P[pair_P]
-            else:
-                tok_P = torch.arange(n, device=x_ND.device).repeat_interleave(k)
-            x_PD = x_ND.index_select(0, tok_P)
-        x_RD, counts, meta = self.dispatcher.dispatch(x_PD, experts_P)
-        y_RD = self.experts.forward_grouped(x_RD, counts)
-        y_PD = self.dispatcher.combine(y_RD, meta) * weights_P.to(y_RD.dtype).unsqueeze(1)
-        if tok_P is None:
-            return y_PD
+        if self.router.token_choice:
+            # pairs token-major (n, j) -> row n * k + j; dropped pairs stay in with id -1 (the dispatcher skips
+            # them, combine returns zeros), so copies and sums are plain reshapes, no gather / scatter-add
+            x_PD = x_ND if k == 1 else x_ND.unsqueeze(1).expand(n, k, self.dim).reshape(n * k, self.dim)
+            x_RD, counts, meta = self.dispatcher.dispatch(x_PD, experts_NK.reshape(-1))
+            y_PD = self.dispatcher.combine(self.experts.forward_grouped(x_RD, counts), meta)
+            if k == 1:
+                return y_PD * weights_NK.to(y_PD.dtype)
+            return (y_PD.view(n, k, -1) * weights_NK.to(y_PD.dtype).unsqueeze(-1)).sum(1)
+        # expert choice: K = E slots per token, mostly empty; send only the chosen pairs
+        pair_P = (experts_NK.reshape(-1) >= 0).nonzero().squeeze(1)
+        tok_P = pair_P // k
+        x_RD, counts, meta = self.dispatcher.dispatch(x_ND.index_select(0, tok_P), experts_NK.reshape(-1)[pair_P])
+        y_PD = self.dispatcher.combine(self.experts.forward_grouped(x_RD, counts), meta)
+        y_PD = y_PD * weights_NK.reshape(-1)[pair_P].to(y_PD.dtype).unsqueeze(1)
         return y_PD.new_zeros(n, y_PD.shape[1]).index_add_(0, tok_P, y_PD)

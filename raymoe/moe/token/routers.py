@@ -2,8 +2,10 @@
 
 * TopKRouter: softmax top-k. k = 1 is Switch (weight = p_{i*}, optional multiplicative input jitter while
   training, Fedus et al. 2021); k = 2 with renormalised weights is GShard top-2 (Lepikhin et al. 2020).
-* NoisyTopKRouter: Shazeer et al. 2017, H = x W_g + N(0,1) softplus(x W_noise) + eps while training, with the
-  differentiable load estimate of their eq. 9-10 in GateResult.load_E.
+* NoisyTopKRouter: Shazeer et al. 2017, H = x W_g + N(0,1) (softplus(x W_noise) + eps) while training (H = x W_g in
+  eval); probs_NE = softmax(H) and logits_NE = H, so the renormalised top-k probs are their Softmax(KeepTopK(H, k)).
+  renormalize defaults to k > 1: with k = 1 the weight stays p_{i*} so the task loss trains the router (renormalised,
+  it is always 1.0, the Hyper_MoE GPT-2 quirk, hypermoe.md 1.3(3)). Their eq. 9-10 smooth load is GateResult.load_E.
 * ExpertChoiceRouter: Zhou et al. 2022, each expert takes its top-C tokens by softmax score,
   C = min(T, ceil(cf * T / E)) with T the tokens of this forward (the whole batch is one routing group, so a
   token's experts depend on the other images in the batch; never use it in a causal model). Its GateResult has
@@ -92,7 +94,8 @@ class TopKRouter(TokenChoiceRouter):
         x = x_ND.float()
         if self.training and self.jitter > 0:  # Switch: multiply the router input by U(1 - eps, 1 + eps)
             x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-        return F.linear(x, self.proj.weight.float()) / self.temperature, None
+        logits_NE = F.linear(x, self.proj.weight.float())
+        return (logits_NE if self.temperature == 1.0 else logits_NE / self.temperature), None
 
 
 class NoisyTopKRouter(TokenChoiceRouter):
@@ -162,7 +165,8 @@ class ExpertChoiceRouter(TokenRouter):
 
     def forward(self, x_ND, experts):
         n, e = x_ND.shape[0], self.num_experts
-        logits_NE = F.linear(x_ND.float(), self.proj.weight.float()) / self.temperature
+        logits_NE = F.linear(x_ND.float(), self.proj.weight.float())
+        logits_NE = logits_NE if self.temperature == 1.0 else logits_NE / self.temperature
         probs_NE = torch.softmax(logits_NE, dim=-1)
         picked_CE = probs_NE.topk(self.capacity(n), dim=0).indices  # per expert (column): its top-C tokens
         chosen_NE = torch.zeros_like(probs_NE, dtype=torch.bool).scatter_(0, picked_CE, True)
