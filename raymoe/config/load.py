@@ -284,6 +284,11 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(s.num_workers >= 0, "scaling.num_workers", s.num_workers, "must be >= 0")
     _require(s.expert_parallel >= 1, "scaling.expert_parallel", s.expert_parallel, "must be >= 1")
     _require(s.max_failures >= -1, "scaling.max_failures", s.max_failures, "must be >= -1 (-1 = unlimited)")
+    _require(s.cpus_per_worker > 0, "scaling.cpus_per_worker", s.cpus_per_worker, "must be > 0")
+    if s.gpus_per_worker is not None:
+        _require(s.use_gpu, "scaling.gpus_per_worker", s.gpus_per_worker, "needs scaling.use_gpu: true")
+        _require(0 < s.gpus_per_worker <= 1 or float(s.gpus_per_worker).is_integer(), "scaling.gpus_per_worker",
+                 s.gpus_per_worker, "must be a fraction in (0, 1] or a whole number")
     if s.num_workers > 1:  # each rank takes a slice of every global batch (raymoe.data.batches)
         _require(t.batch_size >= s.num_workers, "train.batch_size", t.batch_size,
                  f"must be >= scaling.num_workers ({s.num_workers}): each worker gets a slice of every batch")

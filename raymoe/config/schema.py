@@ -111,6 +111,8 @@ class ScalingConfig:
     expert_parallel: int = 1  # EP degree: experts split across this many ranks
     max_failures: int = 0  # Ray Train FailureConfig(max_failures)
     storage_path: str | None = None  # Ray Train storage; None = ./ray_results (use shared storage on clusters)
+    cpus_per_worker: float = 1.0  # Ray resources_per_worker CPU (raymoe tune sets it from the sweep's resources)
+    gpus_per_worker: float | None = None  # with use_gpu; a fraction packs small runs on one GPU; None = 1
 
 
 @dataclass(kw_only=True, slots=True)

@@ -13,7 +13,8 @@ from raymoe.config.load import to_dict
 from raymoe.config.schema import ExperimentConfig
 
 _IGNORED = {("train", "progress"), ("train", "epochs"), ("train", "checkpoint_dir"), ("tracking",),
-            ("scaling", "max_failures"), ("scaling", "storage_path")}
+            ("scaling", "max_failures"), ("scaling", "storage_path"), ("scaling", "cpus_per_worker"),
+            ("scaling", "gpus_per_worker")}
 
 
 def _strip(d: dict, prefix: tuple = ()) -> dict:

@@ -162,8 +162,11 @@ def _check_top_level(cfg: SweepConfig) -> None:
 
 def _fixed_overrides(cfg: SweepConfig) -> dict[str, Any]:
     """Settings every trial gets: the file's overrides, resources, tracking; no progress bars in trials."""
-    fixed = {"scaling.num_workers": cfg.resources.num_workers, "scaling.use_gpu": cfg.resources.use_gpu,
-             "train.progress": False}
+    res = cfg.resources
+    fixed = {"scaling.num_workers": res.num_workers, "scaling.use_gpu": res.use_gpu,
+             "scaling.cpus_per_worker": res.cpus_per_worker, "train.progress": False}
+    if res.use_gpu and res.gpus_per_worker is not None:
+        fixed["scaling.gpus_per_worker"] = res.gpus_per_worker
     if cfg.tracking.uri is not None:
         fixed["tracking.uri"] = cfg.tracking.uri
     if cfg.tracking.experiment is not None:
