@@ -10,6 +10,7 @@ Plus bad input: EP degree not dividing the experts, more workers than CPUs, an u
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -75,10 +76,10 @@ def _my_train_workers():
 def _registered_epochs(run_dir: Path) -> list[str]:
     """Checkpoint folders the Train controller has registered (its snapshot), e.g. ["epoch_0001"]."""
     try:
-        text = (run_dir / "checkpoint_manager_snapshot.json").read_text()
-    except OSError:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or caught mid-write
         return []
-    return sorted({part for part in text.replace('"', " ").replace("/", " ").split() if part.startswith("epoch_")})
+    return sorted(r.get("checkpoint_dir_name", "") for r in snapshot.get("checkpoint_results", []))
 
 
 def _mlflow_runs(tmp: Path, run_name: str) -> list:
@@ -223,7 +224,8 @@ def test_ray_job_submit_to_a_loopback_head(tiny_fmnist_root, tmp_path):
             env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
         status = subprocess.run([ray_bin, "job", "status", "--address", address, submission],
                                 env=env, capture_output=True, text=True, timeout=60)
-        assert "SUCCEEDED" in status.stdout, submit.stdout[-4000:] + submit.stderr[-4000:] + status.stdout
+        assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
+        assert f"Job '{submission}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
         runs = _mlflow_runs(tmp_path, _loop_config(raw, None)[1]["run_name"])
         assert [r.info.status for r in runs] == ["FINISHED"]
         assert "test_error" in runs[0].data.metrics

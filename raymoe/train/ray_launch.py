@@ -110,7 +110,8 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
 
 
 def _mark_mlflow_failed(loop_config: dict, reason: str) -> None:
-    """Mark the run's MLflow run FAILED from the driver: a killed rank-0 worker cannot do it itself."""
+    """Mark the run's MLflow run FAILED from the driver: a killed rank-0 worker cannot do it itself, and rank 0
+    may have finished cleanly while another rank failed."""
     tracking = loop_config["experiment"]["tracking"]
     if not tracking.get("enabled", True):
         return
@@ -122,8 +123,8 @@ def _mark_mlflow_failed(loop_config: dict, reason: str) -> None:
         client = client_for(tracking["uri"])
         experiment = client.get_experiment_by_name(tracking["experiment"])
         runs = find_runs(client, experiment.experiment_id, loop_config["run_name"]) if experiment else []
-        for run in runs[:1]:
-            if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+        for run in runs[:1]:  # rank 0 may have finished its part (FINISHED) while another rank failed for good
+            if run.info.status != RunStatus.to_string(RunStatus.FAILED):
                 client.set_tag(run.info.run_id, FAILURE_TAG, reason)
                 client.set_terminated(run.info.run_id, "FAILED")
     except Exception:  # noqa: BLE001 - best effort; the RuntimeError below is what the user sees
