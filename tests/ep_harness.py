@@ -4,6 +4,9 @@
     results = run_on_workers(my_fn, tmp_path, config={...}, ep_size=2)   # my_fn(ctx: DistContext, config) -> obj
     results[rank]  # whatever my_fn returned on that rank (saved with torch.save, so tensors are fine)
 
+    register_shared("my_case", my_fn, make_config)   # at import: several modules share ONE worker group
+    results = shared_results("my_case", tmp_path_factory.getbasetemp() / "ep_shared")
+
 The function and its module are shipped to the workers by value, so functions defined in test files work.
 One local Ray instance is shared by every test in the pytest process (started on first use).
 Also here: small stand-in experts / MoE models that need none of the paper code.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +31,7 @@ from raymoe.parallel.context import DistContext
 from raymoe.parallel.dispatch import LocalDispatcher
 
 ATOL = 1e-5
+COLLECTIVE_TIMEOUT_S = 180  # a rank stuck in a collective (its peer failed) errors out instead of hanging 30 min
 
 
 def ensure_test_ray() -> None:
@@ -80,13 +85,68 @@ def run_on_workers(fn: Callable[[DistContext, Any], Any], tmp_path: str | os.Pat
                            "ep_size": num_workers if ep_size is None else ep_size},
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers),
         run_config=ray.train.RunConfig(name=out_dir.name, storage_path=str(Path(tmp_path).absolute() / "ray")),
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=TorchConfig(backend="gloo", timeout_s=COLLECTIVE_TIMEOUT_S),
     )
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as exc:
         raise AssertionError(f"a worker failed:\n{exc}") from None
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(num_workers)]
+
+
+# ---------------------------------------------------------------- one worker group for several test modules
+
+_SHARED: dict[str, tuple[Callable, Callable | None]] = {}
+_SHARED_RESULTS: dict[str, list] = {}
+
+
+class _Failed:
+    def __init__(self, text: str):
+        self.text = text
+
+
+def register_shared(name: str, fn: Callable[[DistContext, Any], Any],
+                    make_config: Callable[[Path], Any] | None = None) -> None:
+    """Queue fn(ctx, config) for the shared 2-worker run (call at import time of a test module).
+
+    Every module registered when the first `shared_results` call comes runs in that one Ray Train fit (worker
+    start-up dominates these tests); make_config(folder) runs on the driver just before it.
+    """
+    _SHARED[name] = (fn, make_config)
+
+
+def _run_registered(ctx: DistContext, config: dict) -> dict:
+    out = {}
+    for name, fn in config["fns"].items():
+        try:
+            out[name] = fn(ctx, config["configs"][name])
+        except Exception:  # noqa: BLE001 - reported by that module's tests only
+            out[name] = _Failed(traceback.format_exc())
+    return out
+
+
+def shared_results(name: str, root: str | os.PathLike) -> list[Any]:
+    """Per-rank results of a registered function (runs every pending registered function once, together)."""
+    if name not in _SHARED_RESULTS:
+        pending = [n for n in _SHARED if n not in _SHARED_RESULTS]
+        root = Path(root)
+        configs = {}
+        for n in pending:
+            make = _SHARED[n][1]
+            folder = root / n
+            folder.mkdir(parents=True, exist_ok=True)
+            configs[n] = make(folder) if make else None
+        for n in pending:
+            _ship_by_value(sys.modules.get(_SHARED[n][0].__module__))
+        per_rank = run_on_workers(_run_registered, root, config={"fns": {n: _SHARED[n][0] for n in pending},
+                                                                 "configs": configs})
+        for n in pending:
+            _SHARED_RESULTS[n] = [r[n] for r in per_rank]
+    results = _SHARED_RESULTS[name]
+    for rank, result in enumerate(results):
+        if isinstance(result, _Failed):
+            raise AssertionError(f"{name} failed on rank {rank}:\n{result.text}")
+    return results
 
 
 # ---------------------------------------------------------------- stand-in experts and MoE (no paper code needed)

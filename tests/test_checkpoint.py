@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ep_harness import TinyMoE, run_on_workers
+from ep_harness import TinyMoE, register_shared, shared_results
 from raymoe.parallel.context import DistContext
 from raymoe.train.checkpoint import COMPLETE, is_complete, load_checkpoint, load_full_state, save_checkpoint
 from raymoe.train.reporter import LocalReporter
@@ -63,16 +63,30 @@ def _save_and_load_on_workers(ctx: DistContext, config: dict) -> dict:
     return {"saved": saved, "loaded": loaded}
 
 
+def _single():
+    """The one-process model and optimizer whose checkpoint the EP=2 ranks load."""
+    model, optimizer = _trained(2)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0123  # the loaded optimizer must take the saved hyperparameters
+    return model, optimizer
+
+
+def _make_config(root: Path) -> dict:
+    model, optimizer = _single()
+    save_checkpoint(root / "single", model=model, optimizer=optimizer, epoch=5, ctx=SINGLE,
+                    extra={"config": {"name": "single"}})
+    return {"root": str(root), "single_ckpt": str(root / "single")}
+
+
+register_shared("checkpoint", _save_and_load_on_workers, _make_config)
+
+
 @pytest.fixture(scope="module")
 def on_workers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    single_model, single_opt = _trained(2)
-    for group in single_opt.param_groups:
-        group["lr"] = 0.0123  # the loaded optimizer must take the saved hyperparameters
-    save_checkpoint(root / "single", model=single_model, optimizer=single_opt, epoch=5, ctx=SINGLE,
-                    extra={"config": {"name": "single"}})
-    results = run_on_workers(_save_and_load_on_workers, root, config={"root": str(root),
-                                                                      "single_ckpt": str(root / "single")})
+    shared = tmp_path_factory.getbasetemp() / "ep_shared"
+    results = shared_results("checkpoint", shared)
+    root = shared / "checkpoint"
+    single_model, single_opt = _single()
     merged = root / "merged"
     merged.mkdir()
     for rank in (0, 1):

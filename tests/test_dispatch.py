@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ep_harness import run_on_workers
+from ep_harness import register_shared, shared_results
 from raymoe.parallel.context import DistContext
 from raymoe.parallel.dispatch import LocalDispatcher
 
@@ -59,13 +59,19 @@ def _exchange_on_workers(ctx: DistContext, config: dict) -> dict:
     return results
 
 
+def _config(folder=None) -> dict:
+    g = torch.Generator().manual_seed(0)
+    w_EXY = torch.randn(E, 6, 4, generator=g)
+    upstream = {name: [torch.randn(len(p), 4, generator=g) for p in per_rank] for name, per_rank in CASES.items()}
+    return {"w_EXY": w_EXY, "upstream": upstream}
+
+
+register_shared("dispatch", _exchange_on_workers, _config)
+
+
 @pytest.fixture(scope="module")
 def exchange(tmp_path_factory):
-    torch.manual_seed(0)
-    w_EXY = torch.randn(E, 6, 4)
-    upstream = {name: [torch.randn(len(p), 4) for p in per_rank] for name, per_rank in CASES.items()}
-    config = {"w_EXY": w_EXY, "upstream": upstream}
-    return config, run_on_workers(_exchange_on_workers, tmp_path_factory.mktemp("dispatch"), config=config)
+    return _config(), shared_results("dispatch", tmp_path_factory.getbasetemp() / "ep_shared")
 
 
 @pytest.mark.parametrize("case", list(CASES))

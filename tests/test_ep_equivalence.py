@@ -16,13 +16,14 @@ Tolerance 1e-5 (float32).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ep_harness import run_on_workers
+from ep_harness import register_shared, shared_results
 from raymoe.parallel.context import DistContext
 
 NEEDED = ("raymoe.models.build", "raymoe.regularizers.combine", "raymoe.metrics.accumulator", "raymoe.train.step")
@@ -116,6 +117,7 @@ def _on_workers(ctx: DistContext, config) -> dict:
     return results
 
 
+@functools.lru_cache(maxsize=None)
 def _reference(case: str) -> dict:
     from raymoe.metrics.accumulator import SpecializationAccumulator
     from raymoe.regularizers.combine import regularize
@@ -139,9 +141,13 @@ def _reference(case: str) -> dict:
             "metrics": {k: float(v) for k, v in accumulator.compute().items()}}
 
 
+if not MISSING:
+    register_shared("equivalence", _on_workers)
+
+
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    return run_on_workers(_on_workers, tmp_path_factory.mktemp("equivalence"))
+    return shared_results("equivalence", tmp_path_factory.getbasetemp() / "ep_shared")
 
 
 @pytest.mark.parametrize("case", list(CASES))
