@@ -321,8 +321,16 @@ def test_misaligned_shapes_fall_back_to_the_loop():
 def test_layer_runs_with_no_tokens_for_some_experts_and_bf16():
     torch.manual_seed(11)
     layer = TokenMoE(D, FF, 4, FixedRouter(4, torch.tensor([[2]] * 6)))
-    y, _, stats = layer(torch.randn(6, D))
+    x = torch.randn(6, D)
+    y, _, stats = layer(x)
     assert stats["load_E"].tolist() == [0.0, 0.0, 6.0, 0.0]
+    y.backward(torch.ones_like(y))
+    for p in (layer.experts.w1_EDF, layer.experts.b1_EF, layer.experts.w2_EFD, layer.experts.b2_ED):
+        assert p.grad[[0, 1, 3]].abs().sum() == 0 and p.grad[2].abs().sum() > 0  # experts without tokens: zero
+    w1 = layer.experts.w1_EDF.detach().clone().requires_grad_()
+    ref = torch.autograd.grad(F.linear(F.gelu(x @ w1[2] + layer.experts.b1_EF[2]), layer.experts.w2_EFD[2].t(),
+                                       layer.experts.b2_ED[2]).sum(), w1)[0]
+    torch.testing.assert_close(layer.experts.w1_EDF.grad, ref)
     y_bf16, _, _ = layer.to(torch.bfloat16)(torch.randn(6, D, dtype=torch.bfloat16))
     assert y_bf16.dtype == torch.bfloat16 and torch.isfinite(y_bf16.float()).all()
 

@@ -6,6 +6,9 @@ For each size and k in (1, 2), with one set of random inputs and weights, it tim
   * dense_chunked: a dense GELU FFN with the same active FLOPs (hidden k * d_ff) run over the tokens in E equal
                    chunks, i.e. what the experts' GEMMs would cost with perfectly even groups;
   * naive:         the same router and experts as a per-expert loop: mask, gather, FFN, weight, index_add;
+  * experts_only:  the layer's experts alone on T * k pre-sorted rows in E equal groups (no router, dispatch or
+                   combine): separates what routing costs (layer / experts_only) from what E distinct weight
+                   matrices cost over one shared one (experts_only / dense_chunked, memory traffic on CPU);
   * hypermoe:      the layer plus HyperMoE (code-default sizes: embeddings/hypernetwork 128, adapter
                    --adapter-dim, default 64).
 Prints one JSON line per (size, k) with ratio_vs_dense = layer / dense_chunked, ratio_vs_naive = layer / naive and
@@ -100,10 +103,13 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
     torch.manual_seed(0)
     layer = TokenMoE(d, d_ff, e, TopKRouter(d, e, top_k=k), capacity_factor=None, impl=impl).to(device)
     dense = FeedForward(d, k * d_ff).to(device)
+    even = [n * k // e] * e
     fns = {"layer": lambda x: layer(x)[0], "dense_chunked": lambda x: _dense_chunked(dense, x, e),
-           "naive": lambda x: _naive_moe(layer, x)}
+           "naive": lambda x: _naive_moe(layer, x),
+           "experts_only": lambda x: layer.experts.forward_grouped(x.repeat_interleave(k, dim=0), even)
+           .view(n, k, d).sum(1)}
     params = {"layer": list(layer.parameters()), "dense_chunked": list(dense.parameters()),
-              "naive": list(layer.parameters())}
+              "naive": list(layer.parameters()), "experts_only": list(layer.experts.parameters())}
     if hypermoe:
         hypernet = HyperNetwork(num_layers=1, dim=d, adapter_dim=adapter_dim).to(device)
         hyper_layer = TokenMoE(d, d_ff, e, layer.router, capacity_factor=None, impl=impl,
@@ -121,6 +127,8 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
            "layer_ms": round(ms["layer"], 2), "dense_chunked_ms": round(ms["dense_chunked"], 2),
            "naive_ms": round(ms["naive"], 2), "ratio_vs_dense": round(ms["layer"] / ms["dense_chunked"], 3),
            "ratio_vs_naive": round(ms["layer"] / ms["naive"], 3),
+           "experts_only_ms": round(ms["experts_only"], 2),
+           "ratio_vs_experts_only": round(ms["layer"] / ms["experts_only"], 3),
            "max_load_over_mean": round(float(load.max() / load.mean()), 2)}
     if hypermoe:
         row["adapter_dim"] = adapter_dim
@@ -129,7 +137,9 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
     if device.type == "cpu":  # CPU time is far less disturbed than wall time by other jobs on a shared machine
         c = {name: statistics.median(v) for name, v in cpu.items()}
         row["cpu_time"] = {"ratio_vs_dense": round(c["layer"] / c["dense_chunked"], 3),
-                           "ratio_vs_naive": round(c["layer"] / c["naive"], 3)}
+                           "ratio_vs_naive": round(c["layer"] / c["naive"], 3),
+                           "ratio_vs_experts_only": round(c["layer"] / c["experts_only"], 3),
+                           "experts_only_vs_dense": round(c["experts_only"] / c["dense_chunked"], 3)}
         if hypermoe:
             row["cpu_time"]["hypermoe_overhead"] = round(c["hypermoe"] / c["layer"] - 1, 3)
     return row

@@ -46,7 +46,7 @@ class TokenExperts(ExpertStack):
         if len(counts) != self.num_local:
             raise ValueError(f"got {len(counts)} groups for {self.num_local} local experts")
         w1, b1, w2, b2 = (p.to(x_RD.dtype) for p in (self.w1_EDF, self.b1_EF, self.w2_EFD, self.b2_ED))
-        return grouped_ffn(x_RD, w1, b1, w2, b2, counts, F.gelu, self.impl)
+        return grouped_ffn(x_RD, w1, b1, w2, b2, counts, "gelu", self.impl)
 
     def hidden_keys(self, x_ND: torch.Tensor, w_k_FH: torch.Tensor) -> torch.Tensor:
         """k_e(x) = (x W1_e + b1_e) W_k for every expert e: the attentive gate's keys (all experts needed).

@@ -154,7 +154,7 @@ class HyperMoE(nn.Module):
         order_R, counts = sets.order_R, sets.counts
         dt = x_ND.dtype
         y_RD = grouped_ffn(x_ND.index_select(0, order_R), w.w_down_UDB.to(dt), w.b_down_UB.to(dt),
-                           w.w_up_UBD.to(dt), w.b_up_UD.to(dt), counts, F.relu)
+                           w.w_up_UBD.to(dt), w.b_up_UD.to(dt), counts, "relu")
         if out_ND is None:
             return y_RD.new_zeros(y_RD.shape).index_copy(0, order_R, y_RD)
         return out_ND.index_add_(0, order_R, y_RD)
