@@ -12,6 +12,7 @@ from torch import nn
 from raymoe.config.load import load_experiment
 from raymoe.models.build import build_model
 from raymoe.models.distill import build_distilled
+from raymoe.models.fast_conv import first_conv
 from raymoe.models.moe import ExpectationMoE
 from raymoe.models.paper_experts import ConvNetSpec, PaperExperts, expert_spec
 from raymoe.models.paper_gate_nets import GateTrunk, gate_trunk_spec
@@ -297,3 +298,46 @@ def test_gate_trunks_share_names_between_original_and_attentive():
     assert a.state_dict().keys() == b.state_dict().keys()
     gate = TopKGate(a, 3, top_k=2)
     assert gate.renormalize  # auto: renormalise when k > 1
+
+
+class SubclassedBN(nn.BatchNorm2d):
+    """Stands for GlobalBatchNorm: any BatchNorm subclass must keep its own forward (no folding)."""
+
+    calls = 0
+
+    def forward(self, x):
+        SubclassedBN.calls += 1
+        return super().forward(x)
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("with_bn", [True, False])
+def test_first_conv_gemm_path_equals_conv_then_batchnorm(padding, with_bn):
+    torch.manual_seed(0)
+    conv, ref_conv = nn.Conv2d(1, 8, 3, padding=padding), nn.Conv2d(1, 8, 3, padding=padding)
+    ref_conv.load_state_dict(conv.state_dict())
+    bn, ref_bn = (nn.BatchNorm2d(8), nn.BatchNorm2d(8)) if with_bn else (nn.Identity(), nn.Identity())
+    if with_bn:
+        with torch.no_grad():
+            bn.weight.uniform_(-2, 2)
+            bn.bias.normal_()
+        ref_bn.load_state_dict(bn.state_dict())
+    x = torch.randn(16, 1, 12, 12) * 3 + 2  # far from zero mean: the variance must still be right
+    for training in (True, False, True):
+        bn.train(training), ref_bn.train(training)
+        y, y_ref = first_conv(x, conv, bn), ref_bn(ref_conv(x))
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+        g = torch.randn_like(y_ref)
+        (y * g).sum().backward()
+        (y_ref * g).sum().backward()
+        for p, p_ref in zip([*conv.parameters(), *bn.parameters()], [*ref_conv.parameters(), *ref_bn.parameters()]):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-3)  # conv bias under BN: ~0
+            p.grad = p_ref.grad = None
+    if with_bn:
+        torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+        torch.testing.assert_close(bn.running_var, ref_bn.running_var)
+        assert bn.num_batches_tracked.item() == ref_bn.num_batches_tracked.item() == 2
+    SubclassedBN.calls = 0
+    first_conv(x, conv, SubclassedBN(8))
+    assert SubclassedBN.calls == 1

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.models.fast_conv import first_conv
 from raymoe.moe.expert_stack import ExpertStack
 
 
@@ -222,8 +223,9 @@ class PlainExpert(nn.Module):
         self.out = nn.Linear(spec.hidden, num_classes)
 
     def forward(self, x_BCSS: torch.Tensor) -> torch.Tensor:
-        t = channels_last(x_BCSS)
-        for conv, bn in zip(self.convs, self.bns):
-            t = F.relu(F.max_pool2d(bn(channels_last(conv(t))), 2))
+        t = x_BCSS
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            t = first_conv(t, conv, bn) if i == 0 else bn(conv(t))  # channels-last from here on
+            t = F.relu(F.max_pool2d(t, 2))
         t = F.relu(self.fc1(t.flatten(1)))
         return torch.softmax(self.out(F.relu(self.fc2(t))), dim=-1)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.models.paper_experts import ConvNetSpec, channels_last
+from raymoe.models.fast_conv import first_conv
+from raymoe.models.paper_experts import ConvNetSpec
 
 # Gate columns of the spec §1.2 table: (conv channels, BatchNorm flags, padding, fc1, H, attentive ReLU on fc2).
 GATE_ARCHS = {
@@ -48,8 +49,9 @@ class GateTrunk(nn.Module):
         self.fc2 = nn.Linear(spec.fc1, spec.hidden)
 
     def forward(self, x_BCSS: torch.Tensor) -> torch.Tensor:
-        t = channels_last(x_BCSS)
-        for conv, bn in zip(self.convs, self.bns):  # relu(pool(.)) == pool(relu(.)), on 4x fewer values
-            t = F.relu(F.max_pool2d(bn(channels_last(conv(t))), 2))
+        t = x_BCSS
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            t = first_conv(t, conv, bn) if i == 0 else bn(conv(t))  # channels-last from here on
+            t = F.relu(F.max_pool2d(t, 2))  # == pool(relu(.)) (both monotone), on 4x fewer values
         h_BH = self.fc2(F.relu(self.fc1(t.flatten(1))))
         return F.relu(h_BH) if self.final_relu else h_BH

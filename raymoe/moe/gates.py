@@ -66,8 +66,8 @@ class AttentiveGate(nn.Module):
     def forward(self, x: torch.Tensor, hidden_BEH: torch.Tensor) -> GateResult:
         """hidden_BEH: every expert's pre-ReLU fc2 output for each sample (any strides)."""
         q_BH = self.w_q(self.trunk(x))
-        k_BEH = self.w_k(hidden_BEH)
-        scores_BE = torch.einsum("bh,beh->be", q_BH, k_BEH) / math.sqrt(self.hidden)
+        # q . (W_k h_e) = (q W_k) . h_e: one (B, H) product instead of keys for every (sample, expert) pair
+        scores_BE = torch.einsum("bh,beh->be", q_BH @ self.w_k.weight, hidden_BEH) / math.sqrt(self.hidden)
         return dense_result(torch.softmax(scores_BE, dim=-1), scores_BE)
 
 

@@ -1,0 +1,99 @@
+"""A 3x3 convolution of a ONE-channel image as a GEMM over its patches, optionally with BatchNorm folded in.
+
+Why: the paper's 28x28 nets start with a conv from one channel (MNIST/FMNIST gate: conv(1->8)+BN). On CPU
+oneDNN runs such a conv slowly and in NCHW (a one-channel input is NCHW and NHWC at once, so it cannot pick
+channels-last), and BatchNorm then makes two more passes forward and two backward over the largest activation
+of the model. Here the output comes straight out of one (B*P, 9) x (9, O) GEMM in channels-last memory.
+
+BatchNorm folding is exact, in training too: with z = patch . w_c + b_c, the batch mean and (biased) variance
+of channel c are mean_p . w_c + b_c and w_c^T Cov_p w_c, where mean_p and Cov_p are the 9-dim patch mean and
+covariance over the batch (constants: the input needs no gradient). So
+    BN(z)_c = a_c (patch - mean_p) . w_c + beta_c,   a_c = gamma_c / sqrt(w_c^T Cov_p w_c + eps),
+and autograd through a_c gives the gradients of training-mode BatchNorm. Running statistics are updated as
+nn.BatchNorm2d does (unbiased variance, momentum). Only a plain nn.BatchNorm2d is folded: a replacement such as
+GlobalBatchNorm (data parallel) keeps its own statistics, so callers use the ordinary path for it.
+
+Shape legend: B images, S side, S' = S + 2 pad - 2 output side, P = S'^2 positions, O output channels,
+M = B*P patch rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def patches_KM(x_B1SS: torch.Tensor, padding: int, shift: torch.Tensor | None = None,
+               ones_row: bool = False) -> tuple[torch.Tensor, int]:
+    """The 3x3 patches of a one-channel image batch as a (9, B*S'*S') matrix (kernel-offset-major: each row
+    is one shifted copy of the images, a fast contiguous copy), and S'. `shift` is subtracted after the zero
+    padding (so padded pixels shift too); `ones_row` appends a row of ones."""
+    xs = F.pad(x_B1SS[:, 0], (padding,) * 4) if padding else x_B1SS[:, 0]
+    if shift is not None:
+        xs = xs - shift
+    side = xs.shape[-1] - 2
+    rows = [xs[:, i:i + side, j:j + side] for i in range(3) for j in range(3)]
+    if ones_row:
+        rows.append(torch.ones_like(rows[0]))
+    return torch.stack(rows).view(len(rows), -1), side
+
+
+def _nchw_view(y_MO: torch.Tensor, b: int, side: int) -> torch.Tensor:
+    """(B*S'*S', O) rows -> logical (B, O, S', S') with channels-last strides (no copy)."""
+    return y_MO.view(b, side, side, -1).permute(0, 3, 1, 2)
+
+
+def conv1ch(x_B1SS: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """conv(x) for a one-channel 3x3 nn.Conv2d, channels-last output."""
+    cols_KM, side = patches_KM(x_B1SS, conv.padding[0])
+    w_OK = conv.weight.reshape(conv.out_channels, 9)
+    y_MO = cols_KM.t() @ w_OK.t() if conv.bias is None else torch.addmm(conv.bias, cols_KM.t(), w_OK.t())
+    return _nchw_view(y_MO, x_B1SS.shape[0], side)
+
+
+def conv1ch_bn(x_B1SS: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
+    """bn(conv(x)) for a one-channel 3x3 conv, BatchNorm folded into the GEMM (module docstring)."""
+    w_OK = conv.weight.reshape(conv.out_channels, 9)
+    bias_O = conv.bias if conv.bias is not None else w_OK.new_zeros(conv.out_channels)
+    gamma = bn.weight if bn.affine else torch.ones_like(bias_O)
+    beta = bn.bias if bn.affine else torch.zeros_like(bias_O)
+    if not (bn.training or not bn.track_running_stats):  # running statistics: a plain folded conv
+        scale_O = gamma * torch.rsqrt(bn.running_var + bn.eps)
+        cols_KM, side = patches_KM(x_B1SS, conv.padding[0])
+        y_MO = torch.addmm(beta + scale_O * (bias_O - bn.running_mean), cols_KM.t(), (w_OK * scale_O[:, None]).t())
+        return _nchw_view(y_MO, x_B1SS.shape[0], side)
+    # Batch statistics are shift-invariant, so the patches of x - mean(x) give the same output; that keeps the
+    # one-pass second moments below (sum of x x^T) well conditioned. Row 9 of the patches is ones: one GEMM gives
+    # the sums, the second moments and the count.
+    shift = x_B1SS.mean()
+    cols_KM, side = patches_KM(x_B1SS, conv.padding[0], shift=shift, ones_row=True)
+    with torch.no_grad():
+        gram = cols_KM @ cols_KM.t()
+        m = gram[9, 9]
+        mean_K = gram[:9, 9] / m
+        cov_KK = gram[:9, :9] / m - mean_K[:, None] * mean_K[None, :]
+    mean_O = w_OK @ mean_K + bias_O  # batch mean of conv(x - shift)
+    var_O = ((w_OK @ cov_KK) * w_OK).sum(1)
+    if bn.training and bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - momentum).add_(momentum * (mean_O + shift * w_OK.sum(1)))  # of conv(x)
+            bn.running_var.mul_(1 - momentum).add_(momentum * var_O * (m / (m - 1).clamp_min(1)))
+    scale_O = gamma * torch.rsqrt(var_O + bn.eps)
+    # the conv bias cancels (its gradient is exactly 0, as BatchNorm makes it) but stays in the graph
+    w_aug_OK1 = torch.cat([w_OK * scale_O[:, None], (beta + scale_O * (bias_O - mean_O))[:, None]], dim=1)
+    y_MO = cols_KM.t() @ w_aug_OK1.t()
+    return _nchw_view(y_MO, x_B1SS.shape[0], side)
+
+
+def first_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
+    """bn(conv(x)) in channels-last memory, by the GEMM path where it applies (one input channel, input
+    without gradient, plain nn.BatchNorm2d or none), else by the ordinary modules."""
+    if conv.in_channels == 1 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and not x.requires_grad:
+        if isinstance(bn, nn.Identity):
+            return conv1ch(x, conv)
+        if type(bn) is nn.BatchNorm2d:
+            return conv1ch_bn(x, conv, bn)
+    return bn(conv(x).contiguous(memory_format=torch.channels_last))
