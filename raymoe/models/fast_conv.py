@@ -96,4 +96,5 @@ def first_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
             return conv1ch(x, conv)
         if type(bn) is nn.BatchNorm2d:
             return conv1ch_bn(x, conv, bn)
+    x = x.contiguous(memory_format=torch.channels_last)  # oneDNN then answers in channels-last (if C > 1)
     return bn(conv(x).contiguous(memory_format=torch.channels_last))
