@@ -243,3 +243,14 @@ def test_fmnist_paper_grid_has_the_paper_row_count():
     assert sorted(betas) == pytest.approx([10.0 ** -k for k in range(7, 0, -1)])
     weights = {p.overrides.get("regularizer.importance") for p in sweep.points} - {None}
     assert sorted(weights) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def test_pareto_front_by_hand():
+    from raymoe.tune.plots import pareto_front
+
+    # minimise e, maximise m: (0.1, 0.5) and (0.2, 0.9) trade off; (0.3, 0.4) is dominated by both; (0.1, 0.3) by
+    # (0.1, 0.5) (same error, less information); (0.05, 0.1) has the lowest error, so it stays on the front
+    points = [{"index": i, "e": e, "m": m} for i, (e, m) in
+              enumerate([(0.1, 0.5), (0.2, 0.9), (0.3, 0.4), (0.1, 0.3), (0.05, 0.1), (float("nan"), 1.0)])]
+    front = pareto_front(points, ["e", "m"], ["min", "max"])
+    assert sorted(p["index"] for p in front) == [0, 1, 4]

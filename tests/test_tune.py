@@ -64,58 +64,119 @@ def _steps(client, run_id: str, key: str = "test_error") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_grid_sweep_paper_table(tmp_path, tiny_fmnist_root, ray_address):
-    """4 trials (2 method rows x 2 seeds): one FINISHED child per trial with per-epoch metrics, and the paper table
-    and the seed table match a brute-force recomputation from the MLflow runs."""
-    _preset(tmp_path, "orig", tiny_fmnist_root, gate={"kind": "softmax"})
+def test_grid_sweep_end_to_end(tmp_path, tiny_fmnist_root, ray_address, capsys):
+    """A grid row x 2 seeds on real Ray: one FINISHED child per trial (parentRunId, per-epoch metrics, its grid
+    value as a param), the report's seed and paper tables built from them, logged on the parent, and
+    `raymoe report NAME` finds the sweep again through its folder."""
     _preset(tmp_path, "att", tiny_fmnist_root, gate={"kind": "attentive"})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep_file = tmp_path / "grid.yaml"
     sweep_file.write_text(yaml.safe_dump({
         "name": "t_grid", "strategy": "grid", "seeds": 2, "max_concurrent_trials": 2,
-        "rows": [{"method": "orig.yaml"}, {"method": "att.yaml", "grid": {"train.lr": [3e-3]}}],
+        "rows": [{"method": "att.yaml", "grid": {"regularizer.importance": [0.5]}}],
         "tracking": {"uri": uri, "experiment": "t-grid"}}))
     outcome = run_sweep(load_sweep(sweep_file), storage_root=tmp_path / "sweeps", report_dir=tmp_path / "report",
                         shutdown=False)
-    assert not outcome.interrupted and len(outcome.trials) == 4 and outcome.num_errors == 0
+    assert not outcome.interrupted and len(outcome.trials) == 2 and outcome.num_errors == 0
 
     client = _client(uri)
     parent = client.get_run(outcome.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["raymoe.role"] == "sweep"
     children = _children(client, outcome.parent_run_id)
-    assert len(children) == 4 and len({c.info.run_name for c in children}) == 4
-    healthy = children
-    for child in healthy:
+    assert len(children) == 2 and len({c.info.run_name for c in children}) == 2
+    for child in children:
         assert child.info.status == "FINISHED", child.data.tags.get("raymoe.failure_reason")
         assert child.data.tags["mlflow.parentRunId"] == outcome.parent_run_id
+        assert float(child.data.params["regularizer.importance"]) == 0.5
         assert _steps(client, child.info.run_id) == [1, 2]
         assert {"train_error", "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits"} <= set(child.data.metrics)
+    assert sorted(int(c.data.params["seed"]) for c in children) == [0, 1]
 
     report = outcome.report
-    assert len(report.rows) == 4 and [r.index for r in report.rows] == [0, 1, 2, 3]
-    by_category: dict[str, list] = {}
-    for child in healthy:
-        by_category.setdefault(child.data.tags["raymoe.category"], []).append(child)
-    assert sorted(by_category) == ["att", "orig"]
-    table = {row["category"]: row for row in report.paper_table}
-    for category, members in by_category.items():
-        pick = min(members, key=lambda c: c.data.metrics["train_error"])  # spec §4.5: lowest TRAINING error
-        assert table[category]["run"] == pick.info.run_name
-        assert table[category]["test_error"] == pytest.approx(pick.data.metrics["test_error"])
-        assert table[category]["mi_pred_bits"] == pytest.approx(pick.data.metrics["mi_pred_bits"])
-        expected_std = statistics.stdev(c.data.metrics["test_error"] for c in members)
-        assert table[category]["test_error_std"] == pytest.approx(expected_std)
-    seeds = {row["point"]: row for row in report.seed_table}
-    assert sorted(seeds) == ["att[train.lr=0.003]", "orig"]
-    for point, members in (("orig", by_category["orig"]), ("att[train.lr=0.003]", by_category["att"])):
-        errors = [c.data.metrics["test_error"] for c in members]
-        assert seeds[point]["n_seeds"] == 2
-        assert seeds[point]["test_error_mean"] == pytest.approx(statistics.fmean(errors))
-        assert seeds[point]["test_error_std"] == pytest.approx(statistics.stdev(errors))
+    assert [r.index for r in report.rows] == [0, 1]
+    (seed_row,) = report.seed_table
+    errors = [c.data.metrics["test_error"] for c in children]
+    assert seed_row["point"] == "att[regularizer.importance=0.5]" and seed_row["n_seeds"] == 2
+    assert seed_row["test_error_mean"] == pytest.approx(statistics.fmean(errors))
+    (paper_row,) = report.paper_table
+    pick = min(children, key=lambda c: c.data.metrics["train_error"])
+    assert paper_row["run"] == pick.info.run_name
+    assert paper_row["test_error_std"] == pytest.approx(statistics.stdev(errors))
     logged = {a.path for a in client.list_artifacts(outcome.parent_run_id, "report")}
     assert {"report/trials.csv", "report/trials.md", "report/paper_table.md", "report/seeds.csv",
             "report/parallel_coordinates.png", "report/metric_vs_trial.png"} <= logged
-    assert (tmp_path / "report" / "paper_table.csv").is_file()
+    assert "raymoe.best_run_id" in client.get_run(outcome.parent_run_id).data.tags
+
+    from raymoe.cli import main as cli_main
+
+    out = tmp_path / "again"
+    assert cli_main(["report", "t_grid", "--storage", str(tmp_path / "sweeps"), "--out", str(out), "--no-log"]) == 0
+    printed = capsys.readouterr().out
+    assert "paper table" in printed and all(c.info.run_name in printed for c in children)
+    assert (out / "trials.csv").read_text().count("\n") == 1 + 2
+
+
+def test_paper_table_from_hand_made_runs(tmp_path):
+    """The report on a hand-filled MLflow store: per category the FINISHED run with the lowest TRAINING error
+    (not the lowest test error), the std of test error over the whole category (ddof 1), mean +- std per point."""
+    from mlflow import MlflowClient
+
+    from raymoe.tune.report import build_report
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("hand", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp, run_name="h", tags={"raymoe.sweep": "h", "raymoe.role": "sweep",
+                                                       "raymoe.strategy": "grid"}).info.run_id
+    client.log_param(parent, "metric", "test_error")
+    client.log_param(parent, "mode", "min")
+    runs = [  # category, point, seed, train_error, test_error, status
+        ("orig", "orig", 0, 0.30, 0.20, "FINISHED"),
+        ("orig", "orig", 1, 0.10, 0.40, "FINISHED"),   # lowest train error -> selected despite its test error
+        ("imp", "imp[w=0.2]", 0, 0.25, 0.30, "FINISHED"),
+        ("imp", "imp[w=0.2]", 1, 0.35, 0.10, "FINISHED"),
+        ("imp", "imp[w=0.4]", 0, 0.05, 0.50, "FAILED"),  # failed runs never count
+        ("imp", "imp[w=0.4]", 1, 0.20, 0.60, "FINISHED"),
+    ]
+    for i, (category, point, seed, train, test, status) in enumerate(runs):
+        run = client.create_run(exp, run_name=f"h-{i}", tags={
+            "mlflow.parentRunId": parent, "raymoe.trial_index": str(i), "raymoe.category": category,
+            "raymoe.point": point, "raymoe.seed": str(seed), "raymoe.sweep_params": "{}"}).info.run_id
+        for step, scale in ((1, 2.0), (2, 1.0)):  # the report reads the last epoch
+            for key, value in (("train_error", train), ("test_error", test), ("mi_pred_bits", 1 - test),
+                               ("sample_entropy_bits", 0.1), ("usage_entropy_bits", 2.0)):
+                client.log_metric(run, key, value * scale, step=step)
+        client.set_terminated(run, status)
+    report = build_report(uri, None, "h", out_dir=tmp_path / "out", log_to_parent=False)
+    table = {row["category"]: row for row in report.paper_table}
+    assert table["orig"]["run"] == "h-1" and table["orig"]["test_error"] == pytest.approx(0.40)
+    assert table["orig"]["mi_pred_bits"] == pytest.approx(0.60)
+    assert table["orig"]["test_error_std"] == pytest.approx(math.sqrt(((0.2 - 0.3) ** 2 + (0.4 - 0.3) ** 2) / 1))
+    assert table["imp"]["run"] == "h-5" and table["imp"]["n_runs"] == 3
+    assert table["imp"]["test_error_std"] == pytest.approx(statistics.stdev([0.30, 0.10, 0.60]))
+    seeds = {row["point"]: row for row in report.seed_table}
+    assert seeds["imp[w=0.2]"]["test_error_mean"] == pytest.approx(0.20)
+    assert seeds["imp[w=0.2]"]["test_error_std"] == pytest.approx(math.sqrt(0.02))
+    assert seeds["imp[w=0.4]"]["n_seeds"] == 1 and math.isnan(seeds["imp[w=0.4]"]["test_error_std"])
+    assert report.best[0].run_name == "h-3"  # lowest test error among finished runs
+    assert [r.index for r in report.rows] == list(range(6))
+    assert (tmp_path / "out" / "paper_table.md").read_text().count("\n| ") == 3  # header + 2 categories
+
+
+def test_resources_no_node_can_hold_fail_fast(tmp_path, ray_address):
+    """A worker bigger than any node: ConfigError naming `resources` with the numbers; no folder, no MLflow run."""
+    from raymoe.config.errors import ConfigError
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep = load_sweep(raw={"name": "t_big", "base": {"name": "b"}, "resources": {"cpus_per_worker": 512},
+                            "space": {"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}},
+                            "tracking": {"uri": uri, "experiment": "t-big"}})
+    with pytest.raises(ConfigError) as info:
+        run_sweep(sweep, storage_root=tmp_path / "sweeps", shutdown=False)
+    assert info.value.path == "resources" and "512" in str(info.value)
+    assert not (tmp_path / "sweeps").exists()
+    client = _client(uri)
+    assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def _wait_for_finished_child(uri: str, sweep: str, proc: subprocess.Popen, log: Path, state_file: Path,

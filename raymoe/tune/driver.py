@@ -11,6 +11,7 @@ import copy
 import functools
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,7 @@ def _tune_config(sweep: Sweep, concurrency: int):
     from raymoe.tune.searcher import SeedRepeatSearch
     from raymoe.tune.space import DefineByRun
 
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE group/multivariate
     cfg = sweep.config
     names = {"trial_name_creator": functools.partial(trial_label, prefix=f"{sweep.name}-"),
              "trial_dirname_creator": functools.partial(trial_label, prefix="trial-")}

@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import statistics
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -239,7 +240,7 @@ def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: 
     trials = trials_table(report)
     files = {"trials.csv": trials, "trials.md": trials}
     if report.seed_table:
-        files.update({"seeds.csv": report.seed_table, "seeds.md": report.seed_table})
+        files.update({"seeds.csv": report.seed_table, "seeds.md": _mean_std_strings(report.seed_table)})
     if report.paper_table:
         files.update({"paper_table.csv": report.paper_table, "paper_table.md": report.paper_table})
     for filename, table in files.items():
@@ -259,7 +260,9 @@ def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: 
     if report.paper_table:
         figures["paper_table.png"] = plots.category_bars(report.paper_table)
     for filename, fig in figures.items():
-        fig.savefig(out / filename)
+        with warnings.catch_warnings():  # constrained layout gives up on crowded axes; the figure is still fine
+            warnings.simplefilter("ignore", UserWarning)
+            fig.savefig(out / filename)
     report.files = sorted(str(p) for p in out.iterdir() if p.is_file())
     if log_to_parent:
         _log_to_parent(client, report, out)
@@ -288,11 +291,40 @@ def _log_to_parent(client, report: SweepReport, out: Path) -> None:
         _retry(client.set_tag, run_id, key, value)
 
 
+def _mean_std_strings(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`x_mean`, `x_std` columns -> one `x` column reading `mean ± std`."""
+    out = []
+    for row in table:
+        entry = {k: v for k, v in row.items() if not k.endswith(("_mean", "_std"))}
+        for metric in TABLE_METRICS:
+            mean, std = row.get(f"{metric}_mean", math.nan), row.get(f"{metric}_std", math.nan)
+            entry[SHORT[metric]] = f"{_fmt(mean)} ± {_fmt(std)}"
+        out.append(entry)
+    return out
+
+
+def short_names(names: list[str]) -> dict[str, str]:
+    """Dotted paths -> their shortest unambiguous tails (regularizer.sample_similarity.beta_s -> beta_s)."""
+    out = {}
+    for name in names:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            tail = ".".join(parts[-k:])
+            if sum(1 for other in names if other == tail or other.endswith("." + tail)) == 1:
+                out[name] = tail
+                break
+        else:
+            out[name] = name
+    return out
+
+
 def format_report(report: SweepReport) -> str:
-    """The text `raymoe report` prints."""
+    """The text `raymoe report` prints (parameter columns by their short names; the files keep full paths)."""
+    short = short_names(report.param_names)
+    trials = [{short.get(k, k): v for k, v in row.items()} for row in trials_table(report)]
     parts = [f"sweep {report.name} ({report.strategy}): {len(report.rows)} trial(s), "
              f"{sum(r.status == 'FINISHED' for r in report.rows)} finished, "
-             f"{sum(r.status == 'FAILED' for r in report.rows)} failed", "", text_table(trials_table(report))]
+             f"{sum(r.status == 'FAILED' for r in report.rows)} failed", "", text_table(trials)]
     if report.best:
         label = "best trial" if len(report.metrics) == 1 else "Pareto front"
         parts += ["", f"{label} ({', '.join(f'{m} {o}' for m, o in zip(report.metrics, report.modes))}):"]
@@ -301,7 +333,7 @@ def format_report(report: SweepReport) -> str:
             params = json.dumps(row.params, default=str)
             parts.append(f"  trial {row.index} ({row.run_name}): {values}; params {params}")
     if report.seed_table:
-        parts += ["", "mean +- std over seeds:", text_table(report.seed_table)]
+        parts += ["", "mean ± std over seeds (finished runs):", text_table(_mean_std_strings(report.seed_table))]
     if report.paper_table:
         parts += ["", "paper table (per category: the run with the lowest training error; std = test error over "
                       "the category):", text_table(report.paper_table)]
