@@ -3,6 +3,7 @@ conditions (sampled offline with Optuna, no Ray), seeds repeat points, and the p
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import optuna
@@ -132,6 +133,13 @@ def test_existing_sweep_folder_needs_resume(tmp_path, monkeypatch):
     assert info.value.path == "name"
     with pytest.raises(ConfigError) as info:
         run_sweep(load_sweep(raw=_sweep(name="other")), resume=True)
+    assert info.value.path == "--resume"
+    # a restorable folder whose sweep was defined differently: resuming with an edited file is refused
+    folder = tmp_path / "ray_results" / "sweeps" / "s"
+    (folder / "tuner.pkl").write_bytes(b"")
+    (folder / "raymoe_sweep.json").write_text(json.dumps({"definition": load_sweep(raw=_sweep()).digest}))
+    with pytest.raises(ConfigError, match="changed") as info:
+        run_sweep(load_sweep(raw=_sweep(num_samples=5)), resume=True)
     assert info.value.path == "--resume"
 
 

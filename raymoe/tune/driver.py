@@ -71,8 +71,10 @@ def _absolute_paths(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def check_sweep_dir(sweep_dir: Path, resume: bool) -> None:
+def check_sweep_dir(sweep: Sweep, sweep_dir: Path, resume: bool) -> None:
     from ray.tune import Tuner
+
+    from raymoe.tune.mlflow_sweep import read_state
 
     if resume:
         if not sweep_dir.exists():
@@ -80,6 +82,10 @@ def check_sweep_dir(sweep_dir: Path, resume: bool) -> None:
         if not Tuner.can_restore(str(sweep_dir)):
             raise ConfigError("--resume", str(sweep_dir), "the sweep folder holds no Tune state to restore; "
                                                           "remove it or pick another name")
+        state = read_state(sweep_dir)
+        if state is not None and state.get("definition") != sweep.digest:
+            raise ConfigError("--resume", sweep.path or sweep.name, "the sweep file or its --set overrides changed "
+                              "since the sweep started; resume with the same ones, or start a new sweep (--name)")
     elif sweep_dir.exists():
         raise ConfigError("name", sweep_dir.name, f"a sweep of that name exists in {sweep_dir}; pass --resume to "
                                                   f"finish it, or pick another name (--name NEW_NAME)")
@@ -205,7 +211,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     sweep_dir = sweep_dir_for(sweep.name, storage_root)
-    check_sweep_dir(sweep_dir, resume)
+    check_sweep_dir(sweep, sweep_dir, resume)
     uri, experiment = tracking_target(sweep)
     problem = mlflow_sweep.tracking_problem(uri)
     if problem:

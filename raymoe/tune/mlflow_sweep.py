@@ -81,7 +81,8 @@ def open_parent(sweep, uri: str, experiment: str, sweep_dir: Path, resume: bool)
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
     (Path(sweep_dir) / STATE_FILE).write_text(json.dumps({
         "name": sweep.name, "parent_run_id": parent.run_id, "experiment_id": experiment_id, "tracking_uri": uri,
-        "experiment": experiment, "sweep_file": sweep.path, "sweep_id": sweep_id}, indent=2))
+        "experiment": experiment, "sweep_file": sweep.path, "sweep_id": sweep_id, "definition": sweep.digest},
+        indent=2))
     return parent
 
 

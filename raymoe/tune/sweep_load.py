@@ -9,6 +9,8 @@ not a failed trial later. Errors that only arise from a *combination* of values 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 import re
@@ -43,6 +45,13 @@ class Sweep:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def digest(self) -> str:
+        """Fingerprint of the definition (file text, name, extra overrides): a resume must use the same one."""
+        blob = json.dumps({"text": self.text, "name": self.name, "overrides": self.config.overrides},
+                          sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
     def num_trials(self) -> int:
