@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         train_epoch(model, optimizer, warm, reg_cfg=cfg.regularizer, ctx=ctx, epoch=0, num_samples=num_train,
                     batch_size=bs)
     load_before = os.getloadavg()[0]
+    cpu_before, wall_before = time.process_time(), time.perf_counter()
     epochs = []
     profiler = None
     if args.profile:
@@ -84,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epochs.append((result, time.perf_counter() - start, test))
+    cpu_s, wall_s = time.process_time() - cpu_before, time.perf_counter() - wall_before
     if profiler is not None:
         profiler.__exit__(None, None, None)
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
@@ -108,6 +110,10 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "threads": threads,
         "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        # On a shared machine: the share of `threads` cores this process actually got, and the throughput
+        # that CPU time would give with the cores to itself (conservative: spin-waiting also counts as CPU).
+        "cpu_share": round(cpu_s / (wall_s * threads), 3),
+        "cpu_time_samples_per_s": round(samples * len(epochs) / (cpu_s / threads), 1),
         "data_source": str(getattr(data, "source", "")),
     }
     print(json.dumps(report), flush=True)
