@@ -22,8 +22,10 @@ fashion-mnist:
 		echo "could not install dataset-fashion-mnist; the real-data test will be skipped"; \
 	fi
 
+# The main job: a small real sweep on Fashion-MNIST (6 trials, 2 at a time); prints the report and the UI command.
+# Running it again finishes (or re-reports) the same sweep instead of refusing an existing name.
 demo: $(STAMP) fashion-mnist
-	$(BIN)/raymoe demo
+	$(BIN)/raymoe tune tune_configs/sweeps/demo_fmnist.yaml $$(test -d ray_results/sweeps/demo_fmnist && echo --resume)
 
 test: $(STAMP) fashion-mnist
 	$(BIN)/python -m pytest -q -x --durations=15
