@@ -105,15 +105,28 @@ def test_train_logs_one_run_resumes_and_fresh_restarts(workdir, tiny_fmnist_root
     assert f"resuming {name} from epoch 2" in capsys.readouterr().out
     (longer,) = _runs(client)
     assert longer.info.run_id == run.info.run_id
-    assert [s for s, _ in _history(client, run.info.run_id, "test_error")] == [1, 2, 3]
+    resumed_errors = _history(client, run.info.run_id, "test_error")
+    assert [s for s, _ in resumed_errors] == [1, 2, 3] and resumed_errors[:2] == test_errors
 
-    # --fresh: a new run replaces the old one (soft-deleted) and reproduces its first two epochs exactly.
-    assert main(["train", str(config), "--fresh"]) == 0
+    # --fresh: a new run replaces the old one (soft-deleted) and, trained uninterrupted for 3 epochs, matches
+    # the interrupted-and-resumed run exactly (per-epoch data order and noise depend only on seed and epoch).
+    assert main(["train", str(config), "--fresh", "--set", "train.epochs=3"]) == 0
     assert "resuming" not in capsys.readouterr().out
     (fresh,) = _runs(client)
     assert fresh.info.run_id != run.info.run_id and fresh.info.status == "FINISHED"
     assert client.get_run(run.info.run_id).info.lifecycle_stage == "deleted"
-    assert _history(client, fresh.info.run_id, "test_error") == test_errors
+    assert _history(client, fresh.info.run_id, "test_error") == resumed_errors
+    assert _history(client, fresh.info.run_id, "train_loss") == _history(client, run.info.run_id, "train_loss")
+
+
+def test_ui_command_points_mlflow_at_the_absolute_store(tmp_path, monkeypatch):
+    from raymoe.tracking.ui_command import ui_command_line
+
+    monkeypatch.chdir(tmp_path)
+    command = ui_command_line("sqlite:///mlflow.db", 5077)
+    assert command[1:4] == ["-m", "mlflow", "ui"]
+    assert command[command.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert command[command.index("--host") + 1] == "127.0.0.1" and command[command.index("--port") + 1] == "5077"
 
 
 def test_nan_loss_stops_with_clear_message_and_failed_run(workdir, tiny_fmnist_root, capsys):

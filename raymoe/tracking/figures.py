@@ -105,7 +105,8 @@ def specialization_figures(matrices: dict[str, np.ndarray], split: str = "test")
         if usage is None and counts_true is not None:
             usage = np.asarray(counts_true).sum(axis=1)
         if usage is not None:
-            out[f"{folder}expert_usage.png"] = usage_bars(usage, f"{split}: expert usage (mean gate probability){where}")
+            out[f"{folder}expert_usage.png"] = usage_bars(usage,
+                                                          f"{split}: expert usage (mean gate probability){where}")
         hist = arrays.get("entropy_hist")
         if hist is not None:
             num_experts = len(usage) if usage is not None else 2

@@ -186,9 +186,11 @@ class TrackedRun(NullRun):
         _retry(self.client.set_terminated, self.run_id, "FINISHED")
 
     def fail(self, reason: str, status: str = "FAILED") -> None:
-        """Mark the run FAILED (or KILLED) with the reason as a tag; never raises (we are already failing)."""
+        """Mark the run FAILED (or KILLED) with the reason as a tag (none if empty); never raises (we are
+        already failing)."""
         try:
-            self.set_tags({FAILURE_TAG: reason or "unknown error"})
+            if reason:
+                self.set_tags({FAILURE_TAG: reason})
             _retry(self.client.set_terminated, self.run_id, status)
         except Exception:  # noqa: BLE001
             pass

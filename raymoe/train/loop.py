@@ -256,6 +256,9 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
     except KeyboardInterrupt:
         tracked.fail("interrupted (KeyboardInterrupt)", status="KILLED")
         raise
+    except SystemExit:  # stopped from outside (e.g. a scheduler); a sweep driver reconciles the status
+        tracked.fail("", status="KILLED")
+        raise
     except BaseException as exc:
         tracked.fail(f"{type(exc).__name__}: {exc}")
         raise
