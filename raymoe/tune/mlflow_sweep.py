@@ -168,7 +168,7 @@ def reconcile_children(plan: TrialPlan, trials: list[tuple[str, str, str | None]
         run_name = f"{plan.sweep_name}-{trial_id}"
         runs = find_runs(client, experiment_id, run_name)
         if status == "TERMINATED":
-            if runs and runs[0].info.status != finished and FAILURE_TAG not in runs[0].data.tags:
+            if runs and runs[0].info.status != finished:  # Tune's TERMINATED = the trial function returned
                 run = runs[0]
                 done = max((m.step for m in _retry(client.get_metric_history, run.info.run_id, "test_error")),
                            default=0)

@@ -91,7 +91,7 @@ def collect_rows(client, parent) -> list[TrialRow]:
     for run in sweep_children(client, parent.info.experiment_id, parent.info.run_id):
         tags = run.data.tags
         history = client.get_metric_history(run.info.run_id, "test_error")
-        note = tags.get(FAILURE_TAG, "")
+        note = tags.get(FAILURE_TAG, "") if run.info.status != "FINISHED" else ""  # a retried trial may keep it
         if tags.get(STOPPED_EARLY_TAG) == "true":
             note = "stopped early (ASHA)"
         rows.append(TrialRow(
