@@ -37,6 +37,7 @@ class SeedRepeatSearch(Searcher):
         self.results: dict[str, dict[int, dict | None]] = {}  # point id -> seed -> final result (None = error)
         self.trial_seed: dict[str, int] = {}
         self.num_points = 0
+        self.last_step: dict[str, int] = {}  # point -> last intermediate step told to Optuna
 
     def suggest(self, trial_id: str) -> dict | str | None:
         if not self.pending:
@@ -55,7 +56,9 @@ class SeedRepeatSearch(Searcher):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         point = self.trial_point.get(trial_id)
         single = len(self.seeds) == 1 and isinstance(self.metric, str)  # per-epoch values mean nothing per point
-        if point is not None and single and self.metric in result:  # otherwise (seeds, multi-objective)
+        step = result.get("training_iteration", 0)
+        if point is not None and single and self.metric in result and step > self.last_step.get(point, 0):
+            self.last_step[point] = step  # a resumed trial starts counting again; Optuna keeps the first value
             self.inner.on_trial_result(point, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
