@@ -73,8 +73,12 @@ def tiny_fmnist_root(tmp_path_factory) -> Path:
 @pytest.fixture
 def restore_torch_state():
     """In-process training sets torch's global switches (threads, deterministic kernels); put them back."""
+    import torch.utils.deterministic
+
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     yield
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = fill

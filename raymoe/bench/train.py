@@ -46,10 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.data.batches import eval_batches, train_batches
     from raymoe.data.datasets import load_dataset
     from raymoe.parallel.context import DistContext
-    from raymoe.train.device import epoch_seed, make_deterministic, pick_device, seed_everything, set_cpu_threads
+    from raymoe.train.device import (epoch_seed, flush_denormals, make_deterministic, pick_device,
+                                     seed_everything, set_cpu_threads)
     from raymoe.train.loop import build_for, make_optimizer
     from raymoe.train.step import evaluate, train_epoch
 
+    flush_denormals()
     cfg = bench_config(args)
     device = pick_device(cfg.train.device)
     threads = set_cpu_threads() if device.type == "cpu" else torch.get_num_threads()

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.utils.deterministic
 
 from raymoe.config.errors import ConfigError
 
@@ -68,9 +69,21 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, dtype=np.uint64)[0] % (2**63 - 1))
 
 
+def flush_denormals() -> None:
+    """Treat subnormal floats as zero on the CPU. Adam moments of rarely-used weights decay into the subnormal
+    range, where x86 arithmetic is ~100x slower: without this an FMNIST MoE step slowed from ~70 to ~170 ms
+    after a few dozen steps. Call it before any other torch work so the intra-op threads inherit the mode."""
+    torch.set_flush_denormal(True)
+
+
 def make_deterministic(device: torch.device) -> None:
-    """Deterministic kernels on CPU (where they cost nothing); GPUs keep their fast kernels."""
+    """Deterministic kernels on CPU (where they cost little); GPUs keep their fast kernels.
+
+    The NaN-filling of every fresh allocation that deterministic mode also switches on only guards kernels that
+    read uninitialised memory (none do here) and made CPU training steps ~2x slower (a fill per activation).
+    """
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = False
         # NaN-filling every new tensor costs 10-20% of a step and changes no result of correct code.
         torch.utils.deterministic.fill_uninitialized_memory = False
