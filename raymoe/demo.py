@@ -23,8 +23,8 @@ MODELS = (("original", "softmax"), ("attentive", "attentive"))
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per model (default 3)")
-    parser.add_argument("--train-limit", type=int, default=20000,
-                        help="first N training images (default 20000; the test set is always the full 10,000)")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="first N training images (default all 60,000; the test set is always the full 10,000)")
     parser.add_argument("--uri", default="sqlite:///mlflow.db", help="MLflow tracking store (default ./mlflow.db)")
     parser.add_argument("--data-root", default=None, help="where to look for / download Fashion-MNIST")
     parser.add_argument("--seed", type=int, default=0)

@@ -82,3 +82,4 @@ def restore_torch_state():
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.set_flush_denormal(False)  # torch's default
