@@ -98,11 +98,7 @@ def run_on_workers(fn: Callable[[DistContext, Any], Any], tmp_path: str | os.Pat
 
 _SHARED: dict[str, tuple[Callable, Callable | None]] = {}
 _SHARED_RESULTS: dict[str, list] = {}
-
-
-class _Failed:
-    def __init__(self, text: str):
-        self.text = text
+_FAILED = "__ep_harness_failed__"
 
 
 def register_shared(name: str, fn: Callable[[DistContext, Any], Any],
@@ -121,7 +117,7 @@ def _run_registered(ctx: DistContext, config: dict) -> dict:
         try:
             out[name] = fn(ctx, config["configs"][name])
         except Exception:  # noqa: BLE001 - reported by that module's tests only
-            out[name] = _Failed(traceback.format_exc())
+            out[name] = {_FAILED: traceback.format_exc()}  # plain dict: the workers cannot import this module
     return out
 
 
@@ -144,8 +140,8 @@ def shared_results(name: str, root: str | os.PathLike) -> list[Any]:
             _SHARED_RESULTS[n] = [r[n] for r in per_rank]
     results = _SHARED_RESULTS[name]
     for rank, result in enumerate(results):
-        if isinstance(result, _Failed):
-            raise AssertionError(f"{name} failed on rank {rank}:\n{result.text}")
+        if isinstance(result, dict) and _FAILED in result:
+            raise AssertionError(f"{name} failed on rank {rank}:\n{result[_FAILED]}")
     return results
 
 

@@ -1,5 +1,8 @@
 """AllToAllDispatcher on 2 real Ray Train workers (gloo) against hand-worked routing and LocalDispatcher.
 
+Includes the cases that once deadlocked the backward (a rank whose experts get no rows, a rank whose rows need no
+gradient while its peer's do): the harness turns a hang into a failure after its collective timeout.
+
 4 experts, EP = 2: rank 0 owns experts 0-1, rank 1 owns experts 2-3. Row values encode (rank, pair index) as
 100 * rank + index, so the expected layouts can be written down by hand.
 Shape legend: P pairs on a rank, R rows at a rank's experts, X = (2, 3) features, Y = 4 outputs.
@@ -20,12 +23,17 @@ CASES = {
     "mixed": ([3, 0, -1, 2, 0], [1, 1, 2]),
     "rank1_sends_nothing": ([0, 2, 3, 2], [-1, -1]),
     "rank0_has_no_pairs": ([], [3, 0, 0]),
+    "rank0_experts_idle": ([2, 3], [3, 2, 2]),
+    "rank1_rows_need_no_grad": ([3, 0, -1, 2, 0], [1, 1, 2]),
 }
+NO_GRAD_ON_RANK1 = {"rank1_rows_need_no_grad"}  # a peer's rows need gradients, this rank's do not
 # hand-worked: (rows at rank 0's experts, counts), (rows at rank 1's experts, counts), as first feature values
 EXPECTED = {
     "mixed": (([1, 4, 100, 101], [2, 2]), ([3, 102, 0], [2, 1])),
     "rank1_sends_nothing": (([0], [1, 0]), ([1, 3, 2], [2, 1])),
     "rank0_has_no_pairs": (([101, 102], [2, 0]), ([100], [0, 1])),
+    "rank0_experts_idle": (([], [0, 0]), ([0, 101, 102, 1, 100], [3, 2])),
+    "rank1_rows_need_no_grad": (([1, 4, 100, 101], [2, 2]), ([3, 102, 0], [2, 1])),
 }
 
 
@@ -37,9 +45,11 @@ def _pairs(rank: int, experts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _expert_fn(w_EXY: torch.Tensor, x_RX: torch.Tensor, counts: list[int], first: int) -> torch.Tensor:
-    """Expert e maps a row to flatten(x) @ W_e (rows grouped by local expert)."""
-    parts = [chunk.flatten(1) @ w_EXY[first + i] for i, chunk in enumerate(x_RX.split(counts))]
-    return torch.cat(parts) if parts else x_RX.new_zeros((0, w_EXY.shape[-1]))
+    """Expert e maps a row to flatten(x) @ W_e (rows grouped by local expert). Like the paper experts, no rows
+    give a fresh tensor outside the autograd graph (the dispatcher must still take part in the backward)."""
+    if sum(counts) == 0:
+        return x_RX.new_zeros((0, w_EXY.shape[-1]))
+    return torch.cat([chunk.flatten(1) @ w_EXY[first + i] for i, chunk in enumerate(x_RX.split(counts))])
 
 
 def _exchange_on_workers(ctx: DistContext, config: dict) -> dict:
@@ -49,13 +59,15 @@ def _exchange_on_workers(ctx: DistContext, config: dict) -> dict:
     results = {}
     for name, per_rank in CASES.items():
         x_PX, experts_P = _pairs(ctx.rank, per_rank[ctx.rank])
-        x_PX.requires_grad_()
+        x_PX.requires_grad_(not (name in NO_GRAD_ON_RANK1 and ctx.rank == 1))
         w_EXY = config["w_EXY"].clone().requires_grad_()
         x_RX, counts, meta = dispatcher.dispatch(x_PX, experts_P)
         y_PY = dispatcher.combine(_expert_fn(w_EXY, x_RX, counts, dispatcher.local_experts.start), meta)
         (y_PY * config["upstream"][name][ctx.rank]).sum().backward()
+        grad_x = x_PX.grad.clone() if x_PX.grad is not None else None
         results[name] = {"rows": x_RX.detach()[:, 0, 0].tolist(), "counts": counts, "y": y_PY.detach(),
-                         "grad_x": x_PX.grad.clone(), "grad_w": w_EXY.grad.clone()}
+                         "grad_x": grad_x,
+                         "grad_w": w_EXY.grad.clone() if w_EXY.grad is not None else torch.zeros_like(w_EXY)}
     return results
 
 
@@ -101,7 +113,10 @@ def test_matches_local_dispatcher_on_the_global_pairs(exchange, case):
     n0 = len(CASES[case][0])
     for rank, rows in ((0, slice(0, n0)), (1, slice(n0, None))):
         torch.testing.assert_close(results[rank][case]["y"], y_PY.detach()[rows], atol=1e-6, rtol=0)
-        torch.testing.assert_close(results[rank][case]["grad_x"], x_PX.grad[rows], atol=1e-6, rtol=0)
+        if case in NO_GRAD_ON_RANK1 and rank == 1:
+            assert results[rank][case]["grad_x"] is None
+        else:
+            torch.testing.assert_close(results[rank][case]["grad_x"], x_PX.grad[rows], atol=1e-6, rtol=0)
     # each rank's expert weights only get gradient from rows routed to its own experts, from both ranks
     torch.testing.assert_close(results[0][case]["grad_w"][:2], w_EXY.grad[:2], atol=1e-5, rtol=0)
     torch.testing.assert_close(results[1][case]["grad_w"][2:], w_EXY.grad[2:], atol=1e-5, rtol=0)

@@ -9,6 +9,11 @@ Layouts (e = local expert, s = source rank), after torchtitan's token dispatcher
     received (all2all) : source-major  (s0,e0) (s0,e1) ... (s1,e0) (s1,e1) ...
     fed to the experts : expert-major  (e0,s0) (e0,s1) ... (e1,s0) (e1,s1) ...   (stable, so s keeps its order)
 
+Collectives in backward must run on every rank in the same order, so whether an exchange has a backward may
+never depend on this rank's data alone: a rank whose experts got no rows (their output is a fresh tensor), or
+whose rows need no gradient while a peer's do, still takes part (its tensors become graph leaves); the need for a
+backward of the dispatch is agreed on with the count exchange, the combine always has one in grad mode.
+
 Shape legend: P pairs on this rank, S rows sent, R rows received, E experts, e local experts, W EP ranks,
 X/Y feature dims (any trailing shape).
 """
@@ -80,27 +85,44 @@ class AllToAllDispatcher:
         kept_idx = kept_P.nonzero().squeeze(1)
         order_S = kept_idx[torch.argsort(experts_P[kept_idx], stable=True)]
         send_E = torch.bincount(experts_P[order_S], minlength=self.num_experts)
-        # 1) counts: rank w learns how many rows each source sends to each of its local experts
-        recv_We = torch.empty_like(send_E)
-        with METER.measure(send_E.numel() * send_E.element_size() * (self.ep_size - 1) // self.ep_size):
-            dist.all_to_all_single(recv_We, send_E, group=self.group)
-        recv_We = recv_We.view(self.ep_size, self.per_rank)
+        # 1) counts: rank w learns how many rows each source sends to each of its local experts, plus whether
+        # any source's rows need gradients (then every rank must run the backward exchange, see module doc)
+        wants_grad = torch.is_grad_enabled() and x_PX.requires_grad
+        send_We1 = torch.cat([send_E.view(self.ep_size, self.per_rank),
+                              send_E.new_full((self.ep_size, 1), int(wants_grad))], dim=1)
+        recv_We1 = torch.empty_like(send_We1)
+        with METER.measure(send_We1.numel() * send_We1.element_size() * (self.ep_size - 1) // self.ep_size):
+            dist.all_to_all_single(recv_We1, send_We1, group=self.group)
+        recv_We = recv_We1[:, :self.per_rank]
+        dispatch_grad = bool(recv_We1[:, -1].any()) or wants_grad
         send_splits = send_E.view(self.ep_size, self.per_rank).sum(1).tolist()
         recv_splits = recv_We.sum(1).tolist()
         # 2) rows: variable-size exchange, differentiable
-        x_RX = all_to_all_autograd(x_PX[order_S], recv_splits, send_splits, self.group)
+        x_SX = x_PX[order_S]
+        if dispatch_grad and not x_SX.requires_grad:
+            x_SX = x_SX.detach().requires_grad_()  # this rank's rows need no gradient, but its peers' do
+        x_RX = all_to_all_autograd(x_SX, recv_splits, send_splits, self.group)
         # 3) source-major -> local-expert-major (stable sort by local expert keeps sources in rank order)
         local_id_R = torch.arange(self.per_rank, device=x_PX.device).repeat(self.ep_size)
         local_id_R = local_id_R.repeat_interleave(recv_We.flatten())
         regroup_R = torch.argsort(local_id_R, stable=True)
         counts = recv_We.sum(0).tolist()
+        x_RX = x_RX[regroup_R]
         meta = DispatchMeta(order_P=order_S, kept_P=kept_P, num_pairs=experts_P.numel(),
-                            extra={"send_splits": send_splits, "recv_splits": recv_splits, "regroup_R": regroup_R})
-        return x_RX[regroup_R], counts, meta
+                            extra={"send_splits": send_splits, "recv_splits": recv_splits, "regroup_R": regroup_R,
+                                   "x_RX": x_RX if dispatch_grad else None})
+        return x_RX, counts, meta
 
     def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         """Send expert outputs back; return one row per pair in the original order (zeros for dropped pairs)."""
         extra = meta.extra
+        if torch.is_grad_enabled():
+            x_RX = extra["x_RX"]
+            if x_RX is not None and (y_RY.shape[0] == 0 or not y_RY.requires_grad):
+                # experts given no rows may return a fresh tensor: keep the dispatch exchange in the graph
+                y_RY = y_RY + x_RX.sum() * 0
+            if not y_RY.requires_grad:
+                y_RY = y_RY.detach().requires_grad_()  # peers' outputs need the backward exchange
         y_src_RY = torch.empty_like(y_RY).index_copy(0, extra["regroup_R"], y_RY)  # undo step 3
         y_SY = all_to_all_autograd(y_src_RY, extra["send_splits"], extra["recv_splits"], self.group)
         out = y_SY.new_zeros((meta.num_pairs, *y_SY.shape[1:]))

@@ -9,10 +9,10 @@ centred sum of squares) and keeps the same parameters, buffers and state_dict ke
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 from torch import nn
 
-from raymoe.parallel.collectives import _AllReduceSum
+from raymoe.parallel.collectives import _AllReduceSum, _in_graph
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -26,13 +26,15 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         if not self.training and self.running_mean is not None:  # eval: running statistics, nothing to sync
             return super().forward(x)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return super().forward(x)
         dims = [d for d in range(x.dim()) if d != 1]
         count = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=x.dtype, device=x.device)
-        count = _AllReduceSum.apply(count)  # items * spatial positions over all ranks
-        mean_C = _AllReduceSum.apply(x.sum(dim=dims)) / count
+        dist.all_reduce(count)  # items * spatial positions over all ranks (no gradient)
+        mean_C = _AllReduceSum.apply(_in_graph(x.sum(dim=dims))) / count
         shape = [1, -1] + [1] * (x.dim() - 2)
         centred = x - mean_C.view(shape)
-        var_C = _AllReduceSum.apply((centred * centred).sum(dim=dims)) / count
+        var_C = _AllReduceSum.apply(_in_graph((centred * centred).sum(dim=dims))) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
