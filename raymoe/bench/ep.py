@@ -46,6 +46,7 @@ def _bench_worker(config: dict) -> None:
     from raymoe.parallel.context import DistContext
     from raymoe.parallel.expert_parallel import apply_expert_parallel
     from raymoe.train.device import pick_device
+    from raymoe.train.loop import make_optimizer
     from raymoe.train.step import train_epoch
 
     cfg = load_experiment(raw=config["experiment"])
@@ -60,7 +61,7 @@ def _bench_worker(config: dict) -> None:
     channels, side, classes = SHAPES[cfg.data.name]
     model = build_model(cfg, classes, channels, side).to(device)
     model = apply_expert_parallel(model, ctx) if ctx.distributed else model
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    optimizer = make_optimizer(cfg.train, model)
     batch = cfg.train.batch_size
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, channels, side, side, generator=g)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from raymoe.parallel.comm_meter import METER
-from raymoe.parallel.dispatch import DispatchMeta
+from raymoe.parallel.dispatch import DispatchMeta, inverse_permutation, put_rows, take_rows
 
 
 def _remote_bytes(rows: torch.Tensor, splits: list[int], group) -> int:
@@ -98,7 +98,8 @@ class AllToAllDispatcher:
         send_splits = send_E.view(self.ep_size, self.per_rank).sum(1).tolist()
         recv_splits = recv_We.sum(1).tolist()
         # 2) rows: variable-size exchange, differentiable
-        x_SX = x_PX[order_S]
+        inverse_S = inverse_permutation(order_S, experts_P.numel())
+        x_SX = take_rows(x_PX, order_S, inverse_S)
         if dispatch_grad and not x_SX.requires_grad:
             x_SX = x_SX.detach().requires_grad_()  # this rank's rows need no gradient, but its peers' do
         x_RX = all_to_all_autograd(x_SX, recv_splits, send_splits, self.group)
@@ -107,10 +108,11 @@ class AllToAllDispatcher:
         local_id_R = local_id_R.repeat_interleave(recv_We.flatten())
         regroup_R = torch.argsort(local_id_R, stable=True)
         counts = recv_We.sum(0).tolist()
-        x_RX = x_RX[regroup_R]
-        meta = DispatchMeta(order_P=order_S, kept_P=kept_P, num_pairs=experts_P.numel(),
+        inverse_R = inverse_permutation(regroup_R, regroup_R.numel())
+        x_RX = take_rows(x_RX, regroup_R, inverse_R)
+        meta = DispatchMeta(order_P=order_S, kept_P=kept_P, num_pairs=experts_P.numel(), inverse_P=inverse_S,
                             extra={"send_splits": send_splits, "recv_splits": recv_splits, "regroup_R": regroup_R,
-                                   "x_RX": x_RX if dispatch_grad else None})
+                                   "inverse_R": inverse_R, "x_RX": x_RX if dispatch_grad else None})
         return x_RX, counts, meta
 
     def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
@@ -123,7 +125,6 @@ class AllToAllDispatcher:
                 y_RY = y_RY + x_RX.sum() * 0
             if not y_RY.requires_grad:
                 y_RY = y_RY.detach().requires_grad_()  # peers' outputs need the backward exchange
-        y_src_RY = torch.empty_like(y_RY).index_copy(0, extra["regroup_R"], y_RY)  # undo step 3
+        y_src_RY = put_rows(y_RY, extra["regroup_R"], y_RY.shape[0], extra["inverse_R"])  # undo step 3
         y_SY = all_to_all_autograd(y_src_RY, extra["send_splits"], extra["recv_splits"], self.group)
-        out = y_SY.new_zeros((meta.num_pairs, *y_SY.shape[1:]))
-        return out.index_copy(0, meta.order_P, y_SY)
+        return put_rows(y_SY, meta.order_P, meta.num_pairs, meta.inverse_P)

@@ -14,6 +14,62 @@ from dataclasses import dataclass
 import torch
 
 
+class _TakeRows(torch.autograd.Function):
+    """x[idx] for UNIQUE row indices: backward scatters with index_copy (parallel) instead of the serial
+    accumulating index_put of x[idx]'s backward, and with a gather when idx is a full permutation (no zero fill)."""
+
+    @staticmethod
+    def forward(fn_ctx, x: torch.Tensor, idx: torch.Tensor, inverse: torch.Tensor | None) -> torch.Tensor:
+        fn_ctx.save_for_backward(idx, inverse)
+        fn_ctx.num_rows = x.shape[0]
+        return x.index_select(0, idx)
+
+    @staticmethod
+    def backward(fn_ctx, grad: torch.Tensor):
+        idx, inverse = fn_ctx.saved_tensors
+        return _put_rows(grad, idx, inverse, fn_ctx.num_rows), None, None
+
+
+def _put_rows(y: torch.Tensor, idx: torch.Tensor, inverse: torch.Tensor | None, num_rows: int) -> torch.Tensor:
+    """out[idx] = y, other rows 0 (no autograd); `inverse` given when idx is a full permutation."""
+    if inverse is not None:
+        return y.index_select(0, inverse)
+    return y.new_zeros((num_rows, *y.shape[1:])).index_copy_(0, idx, y)
+
+
+class _PutRows(torch.autograd.Function):
+    """The adjoint of _TakeRows: rows of y placed at idx of a num_rows tensor; backward is a gather."""
+
+    @staticmethod
+    def forward(fn_ctx, y: torch.Tensor, idx: torch.Tensor, inverse: torch.Tensor | None, num_rows: int):
+        fn_ctx.save_for_backward(idx)
+        return _put_rows(y, idx, inverse, num_rows)
+
+    @staticmethod
+    def backward(fn_ctx, grad: torch.Tensor):
+        (idx,) = fn_ctx.saved_tensors
+        return grad.index_select(0, idx), None, None, None
+
+
+def inverse_permutation(idx: torch.Tensor, num_rows: int) -> torch.Tensor | None:
+    """argsort of idx when idx (unique indices) covers all num_rows rows, else None."""
+    if idx.numel() != num_rows:
+        return None
+    return torch.empty_like(idx).index_copy_(0, idx, torch.arange(num_rows, device=idx.device))
+
+
+def take_rows(x: torch.Tensor, idx: torch.Tensor, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """x[idx] for unique indices idx, differentiable; pass inverse_permutation(idx) when idx is a permutation."""
+    return _TakeRows.apply(x, idx, inverse) if torch.is_grad_enabled() and x.requires_grad else x.index_select(0, idx)
+
+
+def put_rows(y: torch.Tensor, idx: torch.Tensor, num_rows: int, inverse: torch.Tensor | None = None) -> torch.Tensor:
+    """A num_rows tensor with row idx[i] = y[i] and zeros elsewhere (unique idx), differentiable."""
+    if torch.is_grad_enabled() and y.requires_grad:
+        return _PutRows.apply(y, idx, inverse, num_rows)
+    return _put_rows(y, idx, inverse, num_rows)
+
+
 @dataclass(slots=True)
 class DispatchMeta:
     """What `combine` needs to undo `dispatch`. Fields beyond `order_P` are dispatcher-specific."""
@@ -22,6 +78,7 @@ class DispatchMeta:
     kept_P: torch.Tensor  # bool mask: pairs with expert id >= 0 (dropped pairs get zero output)
     num_pairs: int
     extra: dict | None = None
+    inverse_P: torch.Tensor | None = None  # inverse of order_P when no pair was dropped
 
 
 class LocalDispatcher:
@@ -49,9 +106,10 @@ class LocalDispatcher:
         kept_idx = kept_P.nonzero().squeeze(1)
         order = kept_idx[torch.argsort(experts_P[kept_idx], stable=True)]
         counts = torch.bincount(experts_P[order], minlength=self.num_experts).tolist()
-        return x_PX[order], counts, DispatchMeta(order_P=order, kept_P=kept_P, num_pairs=experts_P.numel())
+        inverse = inverse_permutation(order, experts_P.numel())
+        meta = DispatchMeta(order_P=order, kept_P=kept_P, num_pairs=experts_P.numel(), inverse_P=inverse)
+        return take_rows(x_PX, order, inverse), counts, meta
 
     def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         """Return one output row per pair in the original pair order (zeros for dropped pairs)."""
-        out = y_RY.new_zeros((meta.num_pairs, *y_RY.shape[1:]))
-        return out.index_copy(0, meta.order_P, y_RY)
+        return put_rows(y_RY, meta.order_P, meta.num_pairs, meta.inverse_P)

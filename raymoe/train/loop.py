@@ -51,10 +51,12 @@ def _arch_differences(saved: dict | None, current: dict, fields=ARCH_FIELDS) -> 
 def make_optimizer(train: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     """Adam / AdamW / SGD over the parameters that train (distillation freezes the experts)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # one fused kernel for all parameters instead of ~6 ops per tensor: 3x faster steps on CPU (bench train)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     if train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay, fused=fused)
     return torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay, momentum=0.9)
 
 

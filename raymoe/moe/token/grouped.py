@@ -151,12 +151,15 @@ class _LoopFFN(torch.autograd.Function):
         x_RX, w1_GXH, w2_GHY, pre_RH = ctx.saved_tensors
         dy_RY = dy_RY.contiguous()
         dx_RX = torch.empty_like(x_RX)
-        dw1, dw2 = torch.zeros_like(w1_GXH), torch.zeros_like(w2_GHY)  # zero: groups without rows
-        db1 = w1_GXH.new_zeros((w1_GXH.shape[0], w1_GXH.shape[2]))
-        db2 = w2_GHY.new_zeros((w2_GHY.shape[0], w2_GHY.shape[2]))
+        dw1, dw2 = torch.empty_like(w1_GXH), torch.empty_like(w2_GHY)  # every group's slot written below
+        db1 = w1_GXH.new_empty((w1_GXH.shape[0], w1_GXH.shape[2]))
+        db2 = w2_GHY.new_empty((w2_GHY.shape[0], w2_GHY.shape[2]))
         start = 0
         for g, c in enumerate(ctx.counts):
-            if c:
+            if not c:  # a group without rows gets zero gradient
+                for grad in (dw1, dw2, db1, db2):
+                    grad[g].zero_()
+            else:
                 rows = slice(start, start + c)
                 x, pre, dy = x_RX[rows], pre_RH[rows], dy_RY[rows]
                 torch.mm(_act(pre, ctx.act).t(), dy, out=dw2[g])
