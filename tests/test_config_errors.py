@@ -105,3 +105,15 @@ def test_missing_data_is_bad_input(tmp_path, monkeypatch, capsys):
     assert code == 2, err
     assert "data" in err and "empty" in err
     _assert_nothing_started(tmp_path)
+
+
+def test_errors_survive_pickling_between_ray_processes():
+    """Ray ships a trial's exception to the driver by pickle: the field path, value and message must survive."""
+    import pickle
+
+    from raymoe.config.errors import ConfigError
+    from raymoe.data.sources import DataError
+
+    for err in (ConfigError("gate.top_k", 3, "must be <= model.num_experts (2)"), DataError("mnist", "not found")):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and (back.path, back.value, str(back)) == (err.path, err.value, str(err))

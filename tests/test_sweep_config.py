@@ -84,6 +84,8 @@ def test_base_as_relative_path_and_overrides(tmp_path):
           "scheduler": {"asha": {"grace_period": 1}}}, "scheduler.asha"),
         ({"resources": {"num_workers": 0}}, "resources.num_workers"),
         ({"resources": {"gpus_per_worker": 0.5}}, "resources.gpus_per_worker"),       # without use_gpu
+        ({"resources": {"num_workers": 2, "launcher": "in_trial"}}, "resources.launcher"),  # one process only
+        ({"resources": {"launcher": "inline"}}, "resources.launcher"),
         ({"name": "a/b"}, "name"),
         ({"base": None}, "base"),
         ({"base": {"name": "b", "gate": {"kind": "dense"}}}, "base.gate.kind"),

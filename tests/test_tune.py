@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raymoe.train.ray_launch import SNAPSHOT
 from raymoe.tune.driver import TRAIN_ENV_DEFAULTS, run_sweep
 from raymoe.tune.sweep_load import load_sweep
 
@@ -65,16 +66,16 @@ def _steps(client, run_id: str, key: str = "test_error") -> list[int]:
 
 
 def test_grid_sweep_end_to_end(tmp_path, tiny_fmnist_root, ray_address, capsys):
-    """A grid row x 2 seeds on real Ray: one FINISHED child per trial (parentRunId, per-epoch metrics, its grid
-    value as a param), the report's seed and paper tables built from them, logged on the parent, and
-    `raymoe report NAME` finds the sweep again through its folder."""
+    """A grid row x 2 seeds on real Ray, each trial a TorchTrainer run (launcher ray_train): one FINISHED child
+    per trial (parentRunId, per-epoch metrics, its grid value as a param), the report's seed and paper tables
+    built from them, logged on the parent, and `raymoe report NAME` finds the sweep again through its folder."""
     _preset(tmp_path, "att", tiny_fmnist_root, gate={"kind": "attentive"})
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep_file = tmp_path / "grid.yaml"
     sweep_file.write_text(yaml.safe_dump({
         "name": "t_grid", "strategy": "grid", "seeds": 2, "max_concurrent_trials": 2,
         "rows": [{"method": "att.yaml", "grid": {"regularizer.importance": [0.5]}}],
-        "tracking": {"uri": uri, "experiment": "t-grid"}}))
+        "resources": {"launcher": "ray_train"}, "tracking": {"uri": uri, "experiment": "t-grid"}}))
     outcome = run_sweep(load_sweep(sweep_file), storage_root=tmp_path / "sweeps", report_dir=tmp_path / "report",
                         shutdown=False)
     assert not outcome.interrupted and len(outcome.trials) == 2 and outcome.num_errors == 0
@@ -90,6 +91,7 @@ def test_grid_sweep_end_to_end(tmp_path, tiny_fmnist_root, ray_address, capsys):
         assert float(child.data.params["regularizer.importance"]) == 0.5
         assert _steps(client, child.info.run_id) == [1, 2]
         assert {"train_error", "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits"} <= set(child.data.metrics)
+        assert (tmp_path / "sweeps" / "t_grid" / "train" / child.info.run_name / SNAPSHOT).is_file()  # Ray Train ran
     assert sorted(int(c.data.params["seed"]) for c in children) == [0, 1]
 
     report = outcome.report
@@ -243,7 +245,9 @@ def test_killed_optuna_sweep_resumes_without_losing_or_duplicating_trials(tmp_pa
     client = _client(uri)
     children = _children(client, outcome.parent_run_id)
     trial_ids = sorted(t[0] for t in outcome.trials)
-    assert sorted(c.data.tags["raymoe.trial_id"] for c in children) == trial_ids  # one child per trial, no extras
+    assert sorted(c.data.tags["raymoe.trial_id"] for c in children) == trial_ids, [  # one child per trial, no extras
+        (c.info.run_name, c.info.status, c.data.tags.get("raymoe.failure_reason", "")[:80], c.info.start_time)
+        for c in children]
     for name, run_id in finished_before.items():  # finished before the kill: the same run, not a new one
         assert [c.info.run_id for c in children if c.info.run_name == name] == [run_id]
     for child in children:
@@ -260,6 +264,8 @@ def test_killed_optuna_sweep_resumes_without_losing_or_duplicating_trials(tmp_pa
             assert _steps(client, child.info.run_id)[0] == 1  # ASHA may stop a trial after epoch 1
     points = sorted(c.data.tags["raymoe.point"] for c in children)
     assert points == ["p0000", "p0001", "p0002", "p0003"]
+    # one worker per trial: launcher auto trained in the trial processes (Tune checkpoints, no Ray Train runs)
+    assert not list((storage / "t_resume" / "train").glob(f"*/{SNAPSHOT}"))
 
     state = sorted((storage / "t_resume").glob("searcher-state-*.pkl"))[-1]
     searcher = pickle.loads(state.read_bytes())

@@ -1,6 +1,7 @@
 """`raymoe bench tune [--quick]`: an 8-trial sweep; how much wall time is spent outside the training steps.
 
-Runs a real sweep (Ray Tune + Optuna, Train V2 trials, MLflow in a scratch sqlite store) one trial at a time, so
+Runs a real sweep (Ray Tune + Optuna, one-worker trials training in their reused trial processes, MLflow in a
+scratch sqlite store) one trial at a time, so
 the accounting is exact: fraction outside = 1 - (sum of the trials' train-step seconds) / (concurrency x wall),
 where wall runs from before Ray starts to the end of the report. Per trial it prints the start-up (trial function
 entered -> first epoch begins: Train controller, worker process, data, model), the train/eval seconds, and the

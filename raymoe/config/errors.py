@@ -9,3 +9,6 @@ class ConfigError(ValueError):
     def __init__(self, path: str, value: object, problem: str):
         self.path, self.value, self.problem = path, value, problem
         super().__init__(f"{path} = {value!r}: {problem}" if path else problem)
+
+    def __reduce__(self):  # rebuilt from its fields when Ray ships it between processes
+        return type(self), (self.path, self.value, self.problem)

@@ -52,6 +52,9 @@ class DataError(ConfigError):
     def __init__(self, name: str, problem: str):
         super().__init__("data.name", name, problem)
 
+    def __reduce__(self):
+        return type(self), (self.value, self.problem)
+
 
 @dataclass(frozen=True)
 class Located:

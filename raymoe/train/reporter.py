@@ -114,8 +114,37 @@ class RayReporter:
             raise RuntimeError(f"injected worker failure on rank {self.rank} after epoch {epoch} (test hook)")
 
 
+class TuneReporter:
+    """Inside a Tune trial that trains in its own process (one worker, no Ray Train): ray.tune.report with the
+    epoch's folder as a Tune checkpoint; Tune restores the latest one on resume and after a trial failure."""
+
+    def latest_checkpoint(self) -> str | None:
+        import ray.tune
+
+        checkpoint = ray.tune.get_checkpoint()
+        if checkpoint is None:
+            return None
+        if checkpoint.filesystem.type_name == "local" and os.path.isdir(checkpoint.path):
+            return checkpoint.path
+        return checkpoint.to_directory(tempfile.mkdtemp(prefix="raymoe-resume-"))
+
+    def staging_dir(self, epoch: int) -> str:
+        return tempfile.mkdtemp(prefix=f"raymoe-{epoch_dir_name(epoch)}-")
+
+    def report(self, metrics: dict, checkpoint_dir: str | None, epoch: int) -> None:
+        import ray.tune
+
+        checkpoint = ray.tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir is not None else None
+        try:
+            ray.tune.report(metrics, checkpoint=checkpoint)
+        finally:
+            if checkpoint_dir is not None:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Tune copied it to the trial's storage
+
+
 def make_reporter(ctx: DistContext, loop_config: dict) -> Reporter:
-    """Ray reporter inside a Ray Train worker (loop_config["ray_train"], set by build_trainer), else local folders.
+    """Ray reporter inside a Ray Train worker (loop_config["ray_train"], set by build_trainer), Tune's inside a
+    trial that trains in its own process (loop_config["in_trial"]), else local folders.
 
     Args:
         ctx: where this rank sits (a local run is a single process).
@@ -123,6 +152,8 @@ def make_reporter(ctx: DistContext, loop_config: dict) -> Reporter:
     """
     if loop_config.get("ray_train"):
         return RayReporter(ctx.rank, loop_config.get("inject_failure"))
+    if loop_config.get("in_trial"):
+        return TuneReporter()
     if ctx.distributed:
         raise ValueError("a multi-process run outside Ray Train has no reporter; launch it through build_trainer")
     return LocalReporter(Path(loop_config["checkpoint_root"]) / loop_config["run_name"])

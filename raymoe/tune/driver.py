@@ -228,8 +228,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             base_raw=_absolute_paths(sweep.base_raw) if sweep.base_raw is not None else None,
             applied=[k for k, spec in sweep.space.items() if spec.apply],
             row_raws={k: _absolute_paths(v) for k, v in sweep.row_raws.items()}, seeds=sweep.config.seed_list,
-            timing_dir=timing_dir)
-        trainable = _trainable(plan, run_trial)
+            in_trial=sweep.config.resources.in_trial, timing_dir=timing_dir)
+        trainable = _trainable(plan, run_trial, sweep.config.resources)
         timings["setup_s"] = time.perf_counter() - t0 - timings["checks_s"] - timings["ray_start_s"]
         print(f"raymoe tune: sweep {sweep.name}: {sweep.num_trials} trial(s), up to {concurrency} at once; "
               f"MLflow parent run {parent.run_id} in {uri} (experiment {experiment!r})", flush=True)
@@ -253,7 +253,11 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             outcome.interrupted = True
             mlflow_sweep.finish_parent(parent, "KILLED", {"raymoe.interrupted": "true"})
             return outcome
-        mlflow_sweep.reconcile_children(plan, trials)
+        changed = mlflow_sweep.reconcile_children(plan, trials)
+        if changed["orphaned"]:
+            print(f"raymoe tune: removed {changed['orphaned']} MLflow child run(s) of trials the killed driver had "
+                  f"started after its last saved state (re-run by this resume; `mlflow runs restore` brings them "
+                  f"back)", flush=True)
         end = time.perf_counter()
         outcome.report = build_report(uri, experiment, sweep.name, parent_run_id=parent.run_id,
                                       out_dir=report_dir, log_to_parent=True)
@@ -265,9 +269,10 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             ray.shutdown()
 
 
-def _trainable(plan, run_trial):
+def _trainable(plan, run_trial, resources):
     import ray.tune
 
-    from raymoe.tune.resources import TRIAL_DRIVER_CPUS
+    from raymoe.tune.resources import TrialNeed
 
-    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, plan=plan), {"cpu": TRIAL_DRIVER_CPUS})
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, plan=plan),
+                                   TrialNeed.of(resources).trial_actor())

@@ -23,6 +23,7 @@ from raymoe.tune.trial import ROLE_TAG, SWEEP_TAG, TrialPlan
 
 SWEEP_ID_TAG = "raymoe.sweep_id"
 STOPPED_EARLY_TAG = "raymoe.stopped_early"
+ORPHAN_TAG = "raymoe.orphaned"
 STATE_FILE = "raymoe_sweep.json"  # in the sweep folder: which parent run a --resume continues
 
 
@@ -156,14 +157,14 @@ def reconcile_children(plan: TrialPlan, trials: list[tuple[str, str, str | None]
         trials: (trial id, Tune status, error text) for every trial Tune knows.
 
     Returns:
-        counts of what was changed: {"stopped_early": n, "failed": n, "missing": n}.
+        counts of what was changed: {"stopped_early": n, "failed": n, "missing": n, "orphaned": n}.
     """
     from mlflow.entities import RunStatus
 
     client = client_for(plan.tracking_uri)
     experiment_id = ensure_experiment(client, plan.experiment, plan.tracking_uri)
     finished = RunStatus.to_string(RunStatus.FINISHED)
-    changed = {"stopped_early": 0, "failed": 0, "missing": 0}
+    changed = {"stopped_early": 0, "failed": 0, "missing": 0, "orphaned": 0}
     for trial_id, status, error in trials:
         run_name = f"{plan.sweep_name}-{trial_id}"
         runs = find_runs(client, experiment_id, run_name)
@@ -183,6 +184,15 @@ def reconcile_children(plan: TrialPlan, trials: list[tuple[str, str, str | None]
                 changed["failed"] += 1
                 record_failed_child(plan, run_name, {SWEEP_TAG: plan.sweep_name, ROLE_TAG: "trial"},
                                     error or "trial errored in Tune", {})
+    # A killed driver may have started trials after its last saved state: the restored sweep re-ran those points
+    # as new trials, so their children belong to no trial. Soft-delete them (`mlflow runs restore` undoes it).
+    known = {f"{plan.sweep_name}-{trial_id}" for trial_id, _, _ in trials}
+    for child in sweep_children(client, experiment_id, plan.parent_run_id):
+        if child.data.tags.get(RUN_NAME_TAG, child.info.run_name) not in known:
+            _retry(client.set_tag, child.info.run_id, ORPHAN_TAG, "started by a driver that was killed; "
+                                                                  "the resumed sweep re-ran the point")
+            _retry(client.delete_run, child.info.run_id)
+            changed["orphaned"] += 1
     return changed
 
 

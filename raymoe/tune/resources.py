@@ -1,7 +1,8 @@
 """Per-trial resource needs, the fail-fast check against the cluster, and the default trial concurrency.
 
 A trial is a Tune function (the Train driver, nearly idle: TRIAL_DRIVER_CPUS) plus `num_workers` Ray Train
-workers of `cpus_per_worker` CPUs and `gpus_per_worker` GPUs each; fractional GPUs pack small trials.
+workers, or (resources.launcher in_trial) a Tune function that trains itself with one worker's resources.
+A worker has `cpus_per_worker` CPUs and `gpus_per_worker` GPUs; fractional GPUs pack small trials.
 """
 
 from __future__ import annotations
@@ -20,19 +21,29 @@ class TrialNeed:
     num_workers: int
     cpus_per_worker: float
     gpus_per_worker: float  # 0 without GPUs
+    in_trial: bool = False  # the trial trains in its own process (no separate Train driver)
 
     @classmethod
     def of(cls, res: ResourcesConfig) -> "TrialNeed":
         gpus = (1.0 if res.gpus_per_worker is None else res.gpus_per_worker) if res.use_gpu else 0.0
-        return cls(res.num_workers, res.cpus_per_worker, gpus)
+        return cls(res.num_workers, res.cpus_per_worker, gpus, res.in_trial)
 
     @property
     def cpus(self) -> float:
-        return self.num_workers * self.cpus_per_worker + TRIAL_DRIVER_CPUS
+        return self.num_workers * self.cpus_per_worker + (0.0 if self.in_trial else TRIAL_DRIVER_CPUS)
 
     @property
     def gpus(self) -> float:
         return self.num_workers * self.gpus_per_worker
+
+    def trial_actor(self) -> dict[str, float]:
+        """Resources of the trial's own actor: the whole worker when it trains in-process, else a driver sliver."""
+        if not self.in_trial:
+            return {"cpu": TRIAL_DRIVER_CPUS}
+        actor = {"cpu": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            actor["gpu"] = self.gpus_per_worker
+        return actor
 
     def worker_bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.cpus_per_worker}

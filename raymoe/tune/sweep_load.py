@@ -152,6 +152,9 @@ def _check_top_level(cfg: SweepConfig) -> None:
     _require(res.num_workers >= 1, "resources.num_workers", res.num_workers,
              "must be >= 1 (each trial is a Ray Train run)")
     _require(res.cpus_per_worker > 0, "resources.cpus_per_worker", res.cpus_per_worker, "must be > 0")
+    _require(res.launcher != "in_trial" or res.num_workers == 1, "resources.launcher", res.launcher,
+             f"trains in the trial's own process, so it needs num_workers: 1 (got {res.num_workers}); "
+             f"use ray_train or auto")
     if res.gpus_per_worker is not None:
         _require(res.use_gpu, "resources.gpus_per_worker", res.gpus_per_worker, "set resources.use_gpu: true too")
         _require(0 < res.gpus_per_worker <= 1 or float(res.gpus_per_worker).is_integer(),

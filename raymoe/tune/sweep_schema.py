@@ -58,6 +58,13 @@ class ResourcesConfig:
     use_gpu: bool = False  # sets scaling.use_gpu
     gpus_per_worker: float | None = None  # fractional packs small trials on one GPU; None = 1 when use_gpu
     cpus_per_worker: float = 1.0
+    # how a trial trains: "ray_train" = a TorchTrainer per trial (Train V2 pattern), "in_trial" = train_fn in the
+    # trial's own (reused) process, "auto" = in_trial for one worker, ray_train otherwise (EP needs >= 2 workers)
+    launcher: Literal["auto", "ray_train", "in_trial"] = "auto"
+
+    @property
+    def in_trial(self) -> bool:
+        return self.launcher == "in_trial" or (self.launcher == "auto" and self.num_workers == 1)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,9 +1,15 @@
-"""The Tune trial function: a Ray Train *driver* (Train V2 pattern, ray-stack.md §2).
+"""The Tune trial function: the same train_fn as `raymoe train`, launched one of two ways (resources.launcher).
 
-Each trial resolves its experiment (base + the sampled values, checked by load_experiment), builds the same
-TorchTrainer as `raymoe train` with a TuneReportCallback (constructed here, inside the Tune session), and
-fits it. Its run_name is `<sweep>-<trial id>`: stable across `--resume` (Tune keeps trial ids), so the Ray
-Train run reloads its snapshot and train_fn reopens the same MLflow child run instead of making another.
+- ray_train: the trial is a Ray Train *driver* (Train V2 pattern, ray-stack.md §2). It builds the same
+  TorchTrainer as `raymoe train` with a TuneReportCallback (constructed here, inside the Tune session) and fits
+  it; needed for multi-worker and expert-parallel trials.
+- in_trial (auto for one worker): train_fn runs in the trial's own process and reports with ray.tune.report.
+  That skips a Train controller and a worker process per trial (~12 s each on 2 cores), and with
+  reuse_actors the process, its imports and the loaded data set stay warm for the next trial.
+
+Each trial resolves its experiment (base + the sampled values, checked by load_experiment). Its run_name is
+`<sweep>-<trial id>`: stable across `--resume` (Tune keeps trial ids), so the run reloads its latest checkpoint
+and train_fn reopens the same MLflow child run instead of making another.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class TrialPlan:
     applied: list[str] = field(default_factory=list)  # optuna: space names that are config paths
     row_raws: dict[str, dict[str, Any]] = field(default_factory=dict)  # grid: preset path -> raw experiment
     seeds: list[int] = field(default_factory=lambda: [0])  # optuna: each point's seeds, in order
+    in_trial: bool = False  # train in the trial's process instead of a TorchTrainer (module docstring)
     timing_dir: str | None = None  # where each trial drops `<trial id>.json` with its start/end times (bench)
 
 
@@ -93,13 +100,22 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     loop_config = make_loop_config(cfg, run_name=run_name, parent_run_id=plan.parent_run_id, tags=tags,
                                    checkpoint_root=str(Path(plan.storage_path) / "local"))
     try:
-        _fit(cfg, loop_config)
+        if plan.in_trial:
+            _fit_in_trial(loop_config)
+        else:
+            _fit(cfg, loop_config)
     except Exception as exc:  # not SystemExit: that is Tune stopping the trial (ASHA), reconciled by the driver
         # train_fn marks its own run FAILED; this covers failures before it opened one (data, workers, OOM kill)
         mlflow_sweep.record_failed_child(plan, run_name, tags, f"{type(exc).__name__}: {exc}", overrides)
         raise
     finally:
         _write_timing(plan, trial_id, run_name, started)
+
+
+def _fit_in_trial(loop_config: dict[str, Any]) -> None:
+    from raymoe.train.loop import train_fn
+
+    train_fn({**loop_config, "in_trial": True})
 
 
 def _fit(cfg, loop_config: dict[str, Any]) -> None:
