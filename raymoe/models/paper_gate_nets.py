@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.models.fast_conv import first_conv
-from raymoe.models.paper_experts import ConvNetSpec
+from raymoe.models.paper_experts import ConvNetSpec, conv_stages, run_conv_stages
 
 # Gate columns of the spec §1.2 table: (conv channels, BatchNorm flags, padding, fc1, H, attentive ReLU on fc2).
 GATE_ARCHS = {
@@ -40,18 +39,11 @@ class GateTrunk(nn.Module):
     def __init__(self, spec: ConvNetSpec, final_relu: bool):
         super().__init__()
         self.final_relu, self.out_features = final_relu, spec.hidden
-        cins = (spec.in_channels, *spec.channels[:-1])
-        self.convs = nn.ModuleList(nn.Conv2d(cin, cout, 3, padding=spec.padding, bias=not bn)
-                                   for cin, cout, bn in zip(cins, spec.channels, spec.batchnorm))
-        self.bns = nn.ModuleList(nn.BatchNorm2d(c) if bn else nn.Identity()
-                                 for c, bn in zip(spec.channels, spec.batchnorm))
+        self.convs, self.bns = conv_stages(spec)
         self.fc1 = nn.Linear(spec.flat_features, spec.fc1)
         self.fc2 = nn.Linear(spec.fc1, spec.hidden)
 
     def forward(self, x_BCSS: torch.Tensor) -> torch.Tensor:
-        t = x_BCSS
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            t = first_conv(t, conv, bn) if i == 0 else bn(conv(t))  # channels-last from here on
-            t = F.relu(F.max_pool2d(t, 2))  # == pool(relu(.)) (both monotone), on 4x fewer values
+        t = run_conv_stages(self.convs, self.bns, x_BCSS)
         h_BH = self.fc2(F.relu(self.fc1(t.flatten(1))))
         return F.relu(h_BH) if self.final_relu else h_BH
