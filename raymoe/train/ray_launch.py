@@ -6,6 +6,7 @@ under storage_path/run_name and get_checkpoint() hands the latest checkpoint to 
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Sequence
@@ -35,6 +36,16 @@ def existing_run_epoch(storage: str, run_name: str) -> int | None:
     return max(epochs, default=0)
 
 
+def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
+    """Ray resources of one Train worker: scaling.cpus_per_worker, and scaling.gpus_per_worker (default 1) with
+    use_gpu; a fraction packs several small runs (sweep trials) on one GPU."""
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = 1.0 if s.gpus_per_worker is None else s.gpus_per_worker
+    return resources
+
+
 def build_trainer(cfg: ExperimentConfig, loop_config: dict, *, callbacks: Sequence = ()):
     """A TorchTrainer running train_fn(loop_config) on cfg.scaling.num_workers workers (at least 1).
 
@@ -60,7 +71,8 @@ def build_trainer(cfg: ExperimentConfig, loop_config: dict, *, callbacks: Sequen
     return TorchTrainer(
         train_fn,
         train_loop_config={**loop_config, "ray_train": True},
-        scaling_config=ray.train.ScalingConfig(num_workers=max(1, s.num_workers), use_gpu=s.use_gpu),
+        scaling_config=ray.train.ScalingConfig(num_workers=max(1, s.num_workers), use_gpu=s.use_gpu,
+                                               resources_per_worker=worker_resources(cfg)),
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
     )
@@ -83,7 +95,9 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
 
     s = cfg.scaling
     workers = max(1, s.num_workers)
-    started = ensure_ray(address, num_cpus_needed=workers, num_gpus_needed=workers if s.use_gpu else 0)
+    per_worker = worker_resources(cfg)
+    started = ensure_ray(address, num_cpus_needed=math.ceil(workers * per_worker["CPU"]),
+                         num_gpus_needed=math.ceil(workers * per_worker.get("GPU", 0.0)))
     name = loop_config["run_name"]
     try:
         storage = storage_uri(cfg)

@@ -124,28 +124,9 @@ def _fit(cfg, loop_config: dict[str, Any]) -> None:
     from raymoe.train.ray_launch import build_trainer
 
     trainer = build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()])
-    _reserve_worker_resources(trainer, cfg)
     result = trainer.fit()
     if getattr(result, "error", None) is not None:
         raise result.error
-
-
-def worker_resources(cfg) -> dict[str, float]:
-    """Ray resources of one Train worker from scaling.cpus_per_worker / gpus_per_worker."""
-    s = cfg.scaling
-    resources = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = 1.0 if s.gpus_per_worker is None else s.gpus_per_worker
-    return resources
-
-
-def _reserve_worker_resources(trainer, cfg) -> None:
-    """Give the trainer the sweep's per-worker CPUs/GPUs (fractional GPUs pack trials) if build_trainer did not.
-
-    Set in place: the trainer's run context holds the same ScalingConfig object.
-    """
-    if trainer.scaling_config.resources_per_worker is None:
-        trainer.scaling_config.resources_per_worker = worker_resources(cfg)
 
 
 def _write_timing(plan: TrialPlan, trial_id: str, run_name: str, started: float) -> None:
