@@ -26,7 +26,8 @@ CASES = {
     "rank0_experts_idle": ([2, 3], [3, 2, 2]),
     "rank1_rows_need_no_grad": ([3, 0, -1, 2, 0], [1, 1, 2]),
 }
-NO_GRAD_ON_RANK1 = {"rank1_rows_need_no_grad"}  # a peer's rows need gradients, this rank's do not
+NO_GRAD_ON_RANK1 = {"rank1_rows_need_no_grad"}
+DENSE_ITEMS = ([0, 0], [0, 0, 0])  # items per rank for the dense exchange (their expert ids are unused)  # a peer's rows need gradients, this rank's do not
 # hand-worked: (rows at rank 0's experts, counts), (rows at rank 1's experts, counts), as first feature values
 EXPECTED = {
     "mixed": (([1, 4, 100, 101], [2, 2]), ([3, 102, 0], [2, 1])),
@@ -68,6 +69,17 @@ def _exchange_on_workers(ctx: DistContext, config: dict) -> dict:
         results[name] = {"rows": x_RX.detach()[:, 0, 0].tolist(), "counts": counts, "y": y_PY.detach(),
                          "grad_x": grad_x,
                          "grad_w": w_EXY.grad.clone() if w_EXY.grad is not None else torch.zeros_like(w_EXY)}
+    # dense: each rank's items sent once; every local expert runs on the EP group's items (uneven: 2 and 3)
+    x_NX, _ = _pairs(ctx.rank, DENSE_ITEMS[ctx.rank])
+    x_NX.requires_grad_()
+    w_EXY = config["w_EXY"].clone().requires_grad_()
+    x_GX, counts, meta = dispatcher.dispatch(x_NX, None)
+    first = dispatcher.local_experts.start
+    y_eGY = torch.stack([x_GX.flatten(1) @ w_EXY[first + i] for i in range(len(counts))])
+    y_PY = dispatcher.combine(y_eGY, meta)
+    (y_PY * config["dense_upstream"][ctx.rank]).sum().backward()
+    results["dense"] = {"rows": x_GX.detach()[:, 0, 0].tolist(), "counts": counts, "y": y_PY.detach(),
+                        "grad_x": x_NX.grad.clone(), "grad_w": w_EXY.grad.clone()}
     return results
 
 
@@ -75,7 +87,8 @@ def _config(folder=None) -> dict:
     g = torch.Generator().manual_seed(0)
     w_EXY = torch.randn(E, 6, 4, generator=g)
     upstream = {name: [torch.randn(len(p), 4, generator=g) for p in per_rank] for name, per_rank in CASES.items()}
-    return {"w_EXY": w_EXY, "upstream": upstream}
+    dense_upstream = [torch.randn(E * len(items), 4, generator=g) for items in DENSE_ITEMS]
+    return {"w_EXY": w_EXY, "upstream": upstream, "dense_upstream": dense_upstream}
 
 
 register_shared("dispatch", _exchange_on_workers, _config)
@@ -128,3 +141,28 @@ def test_dropped_pairs_combine_to_zero(exchange):
     assert results[0]["mixed"]["y"][2].abs().sum() == 0  # pair 2 of rank 0 had expert -1
     assert results[1]["rank1_sends_nothing"]["y"].abs().sum() == 0
     assert results[1]["rank1_sends_nothing"]["grad_x"].abs().sum() == 0
+
+
+def test_dense_exchange_sends_items_once_and_matches_a_brute_force_loop(exchange):
+    """Dense dispatch: both ranks see the EP group's 5 items in rank order; combine gives each rank its items'
+    outputs from all 4 experts, expert-major; outputs and gradients equal a loop over (expert, item)."""
+    config, results = exchange
+    w_EXY = config["w_EXY"].clone().requires_grad_()
+    for rank in (0, 1):
+        assert results[rank]["dense"]["rows"] == pytest.approx([0, 1, 100, 101, 102])
+        assert results[rank]["dense"]["counts"] == [5, 5]
+    grad_w = torch.zeros_like(w_EXY)
+    for rank in (0, 1):
+        x_NX, _ = _pairs(rank, DENSE_ITEMS[rank])
+        x_NX.requires_grad_()
+        n = x_NX.shape[0]
+        y_PY = torch.stack([x_NX[b].flatten() @ w_EXY[e] for e in range(E) for b in range(n)])
+        w_EXY.grad = None
+        (y_PY * config["dense_upstream"][rank]).sum().backward()
+        grad_w += w_EXY.grad
+        torch.testing.assert_close(results[rank]["dense"]["y"], y_PY.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(results[rank]["dense"]["grad_x"], x_NX.grad, atol=1e-5, rtol=0)
+    # rank r's experts get gradient from both ranks' items, and none for the other rank's experts
+    torch.testing.assert_close(results[0]["dense"]["grad_w"][:2], grad_w[:2], atol=1e-4, rtol=0)
+    torch.testing.assert_close(results[1]["dense"]["grad_w"][2:], grad_w[2:], atol=1e-4, rtol=0)
+    assert results[0]["dense"]["grad_w"][2:].abs().sum() == 0 and results[1]["dense"]["grad_w"][:2].abs().sum() == 0

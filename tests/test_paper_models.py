@@ -120,6 +120,29 @@ def test_stacked_experts_equal_separate_plain_experts(spec, counts):
                 torch.testing.assert_close(bn.running_var[i], ref.bns[j].running_var)
 
 
+@pytest.mark.parametrize("spec", [TINY_BN, FMNIST])
+def test_dense_forward_equals_each_separate_expert_on_the_same_images(spec):
+    """forward_dense (one conv with the experts' filters stacked, no copies of the images) == every reference
+    expert on the same images, forward and backward, and BatchNorm statistics per expert."""
+    torch.manual_seed(0)
+    stack = PaperExperts(3, spec, num_classes=7)
+    refs = ref_experts(stack)
+    x = torch.randn(6, spec.in_channels, spec.image_size, spec.image_size)
+    y_eGY = stack.forward_dense(x)
+    y_ref = torch.stack([ref(x) for ref in refs])
+    torch.testing.assert_close(y_eGY, y_ref, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(y_eGY)
+    (y_eGY * w).sum().backward()
+    (y_ref * w).sum().backward()
+    for i, ref in enumerate(refs):
+        for g, g_ref in zip(stacked_grad(stack, i), ref_grad(ref)):
+            torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    for j, bn in enumerate(stack.bns):
+        if hasattr(bn, "running_mean"):
+            for i, ref in enumerate(refs):
+                torch.testing.assert_close(bn.running_mean[i], ref.bns[j].running_mean)
+
+
 def test_stacked_experts_eval_mode_uses_running_stats():
     torch.manual_seed(1)
     stack = PaperExperts(2, TINY_BN, num_classes=3)

@@ -46,9 +46,14 @@ def _nchw_view(y_MO: torch.Tensor, b: int, side: int) -> torch.Tensor:
 
 def conv1ch(x_B1SS: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """conv(x) for a one-channel 3x3 nn.Conv2d, channels-last output."""
-    cols_KM, side = patches_KM(x_B1SS, conv.padding[0])
-    w_OK = conv.weight.reshape(conv.out_channels, 9)
-    y_MO = cols_KM.t() @ w_OK.t() if conv.bias is None else torch.addmm(conv.bias, cols_KM.t(), w_OK.t())
+    return conv1ch_weights(x_B1SS, conv.weight.reshape(conv.out_channels, 9), conv.bias, conv.padding[0])
+
+
+def conv1ch_weights(x_B1SS: torch.Tensor, w_OK: torch.Tensor, bias_O: torch.Tensor | None,
+                    padding: int) -> torch.Tensor:
+    """A 3x3 conv of one-channel images with filters w_OK (O, 9) as one GEMM, channels-last output."""
+    cols_KM, side = patches_KM(x_B1SS, padding)
+    y_MO = cols_KM.t() @ w_OK.t() if bias_O is None else torch.addmm(bias_O, cols_KM.t(), w_OK.t())
     return _nchw_view(y_MO, x_B1SS.shape[0], side)
 
 

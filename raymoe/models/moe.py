@@ -1,13 +1,14 @@
 """The paper's "expectation" MoE (spec §1.1): y_hat(x) = sum_e g_e(x) f_e(x), loss NLL on log(y_hat + eps).
 
-The model talks to its experts only through (sample, expert) pairs:
-    pairs -> dispatcher.dispatch -> experts.forward_grouped -> dispatcher.combine,
+The model talks to its experts only through the dispatcher:
+    dispatch -> experts.forward_grouped (sparse pairs) or experts.forward_dense (every expert, every image)
+    -> dispatcher.combine,
 so expert parallelism can swap in an all-to-all dispatcher and a shard of the experts from outside
 (raymoe/parallel/expert_parallel.py) without this file knowing.
 
-Dense gates (softmax, attentive) pair every sample with every expert, in expert-major order so that the local
-dispatcher's stable sort is the identity and the experts see E equal groups (their fast batched path). The
-attentive gate reads every expert's hidden layer, so the experts run before it (spec §2).
+Dense gates (softmax, attentive) send each image once (dispatch without expert ids); every local expert runs on
+it and combine returns expert-major (expert, sample) rows. The attentive gate reads every expert's hidden
+layer, so the experts run before it (spec §2).
 Sparse gates (topk, noisy_topk) run first; only each sample's k chosen experts run, y_hat = sum_k w_k f_k(x).
 
 Shape legend: B samples, E experts, K experts per sample, P pairs, K' classes (written C), H expert hidden width,
@@ -42,10 +43,9 @@ class ExpectationMoE(nn.Module):
 
     def forward(self, x_BCHW: torch.Tensor) -> ModelOutput:
         b, e, c = x_BCHW.shape[0], self.num_experts, self.num_classes
-        if self.gate.dense:
-            experts_P = torch.arange(e, device=x_BCHW.device).repeat_interleave(b)  # expert-major pairs
-            x_PX = x_BCHW.unsqueeze(0).expand(e, *x_BCHW.shape).reshape(e * b, *x_BCHW.shape[1:])
-            y_EBY = self.run_experts(x_PX, experts_P).view(e, b, -1)
+        if self.gate.dense:  # every expert on every image, sent once (no pair rows): expert-major (e, b) pairs
+            x_GX, _, meta = self.dispatcher.dispatch(x_BCHW, None)
+            y_EBY = self.dispatcher.combine(self.experts.forward_dense(x_GX), meta).view(e, b, -1)
             probs_EBC = y_EBY[..., :c]
             if self.gate.needs_expert_hidden:
                 gate = self.gate(x_BCHW, y_EBY[..., c:].transpose(0, 1))

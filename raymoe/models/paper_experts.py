@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.models.fast_conv import first_conv
+from raymoe.models.fast_conv import conv1ch_weights, first_conv
 from raymoe.moe.expert_stack import ExpertStack
 
 
@@ -184,8 +184,26 @@ class PaperExperts(ExpertStack):
         # (E*n, C, S, S) -> (n, E*C, S, S) in channels-last memory (one copy): experts become the channel groups
         # of one grouped conv; channels-last makes the tiny grouped convs and the pooling several times faster
         t = x_RX.reshape(e, n, c, s, s).permute(1, 3, 4, 0, 2).contiguous().view(n, s, s, e * c).permute(0, 3, 1, 2)
-        for conv, bn in zip(self.convs, self.bns):
-            t = channels_last(conv.forward_all(t))
+        return self._stacked_stages(self.convs[0].forward_all(t), n).view(e * n, -1)
+
+    def forward_dense(self, x_GX: torch.Tensor) -> torch.Tensor:
+        """Every local expert on the same images -> (e, G, K + H), without replicating them: the grouped first
+        conv over e copies of the input equals one ordinary conv with the e experts' filters stacked."""
+        e, conv, n = self.num_local, self.convs[0], x_GX.shape[0]
+        if n == 0:
+            return x_GX.new_zeros((e, 0, self.out_features))
+        bias = None if conv.bias is None else conv.bias.reshape(-1)
+        weight = conv.weight.reshape(e * conv.cout, conv.cin, 3, 3)
+        if conv.cin == 1 and not x_GX.requires_grad:  # one GEMM over the patches (fast_conv.py)
+            return self._stacked_stages(conv1ch_weights(x_GX, weight.reshape(e * conv.cout, 9), bias, conv.padding), n)
+        x = channels_last(x_GX)  # oneDNN then answers in channels-last
+        return self._stacked_stages(F.conv2d(x, weight, bias, padding=conv.padding), n)
+
+    def _stacked_stages(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """From the first conv's output (n, e*C, S', S') to (e, n, K + H): experts are channel groups."""
+        e = self.num_local
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            t = channels_last(t if i == 0 else conv.forward_all(t))
             if isinstance(bn, StackedBatchNorm2d):
                 t = bn.forward_all(t)
             t = F.relu(F.max_pool2d(t, 2))  # == pool(relu(t)) (both monotone), on 4x fewer values
@@ -193,7 +211,7 @@ class PaperExperts(ExpertStack):
         t_EnF = F.relu(self.fc1.forward_all(t_EnF))
         hidden_EnH = self.fc2.forward_all(t_EnF)
         probs_EnK = torch.softmax(self.out.forward_all(F.relu(hidden_EnH)), dim=-1)
-        return torch.cat([probs_EnK, hidden_EnH], dim=-1).view(e * n, -1)
+        return torch.cat([probs_EnK, hidden_EnH], dim=-1)
 
     def _forward_one(self, x: torch.Tensor, i: int) -> torch.Tensor:
         t = x

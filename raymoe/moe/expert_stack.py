@@ -4,7 +4,8 @@ Sample-level paper experts and token-level FFN experts both derive from it, so e
 gradient sync and sharded checkpoints treat them alike: every parameter and buffer of an ExpertStack
 has shape (num_local, ...), and local index i is global expert `first_expert + i`.
 
-Shape legend: R rows grouped by local expert (expert-major), X input features, Y output features.
+Shape legend: R rows grouped by local expert (expert-major), G rows every local expert sees (dense),
+e local experts, X input features, Y output features.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ class ExpertStack(nn.Module):
     def forward_grouped(self, x_RX: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Run local expert i on the i-th contiguous group of rows; len(counts) == num_local."""
         raise NotImplementedError
+
+    def forward_dense(self, x_GX: torch.Tensor) -> torch.Tensor:
+        """Every local expert on the same G rows -> (e, G, Y). Stacks may override it to skip the copies."""
+        n = x_GX.shape[0]
+        x_RX = x_GX.unsqueeze(0).expand(self.num_local, *x_GX.shape).reshape(self.num_local * n, *x_GX.shape[1:])
+        return self.forward_grouped(x_RX, [n] * self.num_local).view(self.num_local, n, -1)
 
     def shard(self, ep_rank: int, ep_size: int) -> "ExpertStack":
         """A copy that keeps only this rank's experts (parameter values are sliced, not re-initialised)."""

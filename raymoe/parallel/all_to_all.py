@@ -72,15 +72,20 @@ class AllToAllDispatcher:
     def local_experts(self) -> range:
         return range(self.ep_rank * self.per_rank, (self.ep_rank + 1) * self.per_rank)
 
-    def dispatch(self, x_PX: torch.Tensor, experts_P: torch.Tensor) -> tuple[torch.Tensor, list[int], DispatchMeta]:
+    def dispatch(self, x_PX: torch.Tensor, experts_P: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, list[int], DispatchMeta]:
         """Send each kept pair to the rank owning its expert; return rows grouped by local expert.
 
         Args:
             x_PX: one row per (item, expert) pair.
-            experts_P: global expert id per row; -1 = dropped.
+            experts_P: global expert id per row; -1 = dropped. None = dense: every expert takes every item
+                (x_PX then holds one row per item).
         Returns:
             x_RX rows from the whole EP group grouped by local expert, counts per local expert (python ints), meta.
+            Dense: the EP group's items in rank order (each sent once, not once per expert), for forward_dense.
         """
+        if experts_P is None:
+            return self._dispatch_dense(x_PX)
         kept_P = experts_P >= 0
         kept_idx = kept_P.nonzero().squeeze(1)
         order_S = kept_idx[torch.argsort(experts_P[kept_idx], stable=True)]
@@ -115,8 +120,35 @@ class AllToAllDispatcher:
                                    "inverse_R": inverse_R, "x_RX": x_RX if dispatch_grad else None})
         return x_RX, counts, meta
 
+    def _dispatch_dense(self, x_NX: torch.Tensor) -> tuple[torch.Tensor, list[int], DispatchMeta]:
+        """Every rank of the EP group gets every rank's items once (an all-gather through all_to_all)."""
+        n, w = x_NX.shape[0], self.ep_size
+        wants_grad = torch.is_grad_enabled() and x_NX.requires_grad
+        send_W2 = torch.tensor([[n, int(wants_grad)]] * w, dtype=torch.long, device=x_NX.device)
+        recv_W2 = torch.empty_like(send_W2)
+        with METER.measure(send_W2.numel() * send_W2.element_size() * (w - 1) // w):
+            dist.all_to_all_single(recv_W2, send_W2, group=self.group)
+        sizes = recv_W2[:, 0].tolist()
+        dispatch_grad = bool(recv_W2[:, 1].any()) or wants_grad
+        x_SX = x_NX.unsqueeze(0).expand(w, *x_NX.shape).reshape(w * n, *x_NX.shape[1:])  # my items to each rank
+        if dispatch_grad and not x_SX.requires_grad:
+            x_SX = x_SX.detach().requires_grad_()  # see the module docstring
+        x_GX = all_to_all_autograd(x_SX, sizes, [n] * w, self.group)
+        meta = DispatchMeta(order_P=x_NX.new_empty(0, dtype=torch.long), kept_P=x_NX.new_ones(0, dtype=torch.bool),
+                            num_pairs=self.num_experts * n, dense=True,
+                            extra={"sizes": sizes, "n": n, "x_RX": x_GX if dispatch_grad else None})
+        return x_GX, [x_GX.shape[0]] * self.per_rank, meta
+
+    def _combine_dense(self, y_eGY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """(local experts, G items, Y) -> each source rank's items back: (E * n) expert-major rows."""
+        sizes, n, e = meta.extra["sizes"], meta.extra["n"], self.per_rank
+        y_SY = torch.cat([part.reshape(e * part.shape[1], *part.shape[2:]) for part in y_eGY.split(sizes, dim=1)])
+        y_PY = all_to_all_autograd(y_SY, [e * n] * self.ep_size, [e * b for b in sizes], self.group)
+        return y_PY  # rank r's block is its experts r*e .. r*e+e-1 over my n items: global expert-major
+
     def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        """Send expert outputs back; return one row per pair in the original order (zeros for dropped pairs)."""
+        """Send expert outputs back; return one row per pair in the original order (zeros for dropped pairs).
+        Dense: y (local experts, G, Y) from forward_dense -> (E * n) expert-major rows of this rank's items."""
         extra = meta.extra
         if torch.is_grad_enabled():
             x_RX = extra["x_RX"]
@@ -125,6 +157,8 @@ class AllToAllDispatcher:
                 y_RY = y_RY + x_RX.sum() * 0
             if not y_RY.requires_grad:
                 y_RY = y_RY.detach().requires_grad_()  # peers' outputs need the backward exchange
+        if meta.dense:
+            return self._combine_dense(y_RY, meta)
         y_src_RY = put_rows(y_RY, extra["regroup_R"], y_RY.shape[0], extra["inverse_R"])  # undo step 3
         y_SY = all_to_all_autograd(y_src_RY, extra["send_splits"], extra["recv_splits"], self.group)
         return put_rows(y_SY, meta.order_P, meta.num_pairs, meta.inverse_P)

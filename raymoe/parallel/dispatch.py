@@ -79,6 +79,7 @@ class DispatchMeta:
     num_pairs: int
     extra: dict | None = None
     inverse_P: torch.Tensor | None = None  # inverse of order_P when no pair was dropped
+    dense: bool = False  # every expert saw every item (dispatch without expert ids)
 
 
 class LocalDispatcher:
@@ -93,15 +94,22 @@ class LocalDispatcher:
         per_rank = self.num_experts // self.ep_size
         return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
 
-    def dispatch(self, x_PX: torch.Tensor, experts_P: torch.Tensor) -> tuple[torch.Tensor, list[int], DispatchMeta]:
+    def dispatch(self, x_PX: torch.Tensor, experts_P: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, list[int], DispatchMeta]:
         """Group rows by expert.
 
         Args:
-            x_PX: one row per (item, expert) pair.
-            experts_P: global expert id per row; -1 = dropped.
+            x_PX: one row per (item, expert) pair; with experts_P None, one row per item.
+            experts_P: global expert id per row; -1 = dropped. None = dense: every expert takes every item.
         Returns:
             x_RX rows grouped by local expert (expert-major), counts per local expert (python ints), meta.
+            Dense: the G rows every local expert takes (experts.forward_dense), counts [G] * local experts.
         """
+        if experts_P is None:
+            n = x_PX.shape[0]
+            meta = DispatchMeta(order_P=x_PX.new_empty(0, dtype=torch.long), kept_P=x_PX.new_ones(0, dtype=torch.bool),
+                                num_pairs=self.num_experts * n, dense=True)
+            return x_PX, [n] * self.num_experts, meta
         kept_P = experts_P >= 0
         kept_idx = kept_P.nonzero().squeeze(1)
         order = kept_idx[torch.argsort(experts_P[kept_idx], stable=True)]
@@ -111,5 +119,8 @@ class LocalDispatcher:
         return take_rows(x_PX, order, inverse), counts, meta
 
     def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        """Return one output row per pair in the original pair order (zeros for dropped pairs)."""
+        """Return one output row per pair in the original pair order (zeros for dropped pairs); dense: y (E, n, Y)
+        from forward_dense as E * n expert-major rows."""
+        if meta.dense:
+            return y_RY.reshape(meta.num_pairs, *y_RY.shape[2:])
         return put_rows(y_RY, meta.order_P, meta.num_pairs, meta.inverse_P)
