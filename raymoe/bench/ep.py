@@ -4,7 +4,7 @@ Runs on real Ray Train workers (TorchTrainer, gloo on CPU / NCCL on GPU) with sy
 shape (the benchmark measures the model step, not the data pipeline), through the same train_epoch as
 `raymoe train`. Prints one JSON line per configuration: samples/s, bytes this rank sent per step, and the
 fraction of step time inside collectives (raymoe.parallel.comm_meter; it includes waiting for the slower
-rank at each collective), then a summary line with the speedup.
+rank at each collective), then a summary line with the speedup of the medians over --repeats alternating runs.
 Each worker gets cores // workers torch threads, so both runs use the whole machine.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps after --warmup")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts; EP = workers")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="alternate the worker counts this many times; the summary compares medians (a shared "
+                             "VM's speed drifts by +-20%% between runs)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
 
@@ -129,10 +133,10 @@ def run(args: argparse.Namespace) -> int:
     started = ensure_ray(args.address, max(args.workers), max(args.workers) if args.gpu else 0)
     # cores of this machine (local) or of the cluster, shared evenly: both runs use all of them
     cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)) if args.address else (os.cpu_count() or 1)
-    results = {}
+    results: dict[int, list[dict]] = {w: [] for w in args.workers}
     try:
         with tempfile.TemporaryDirectory() as storage:
-            for workers in args.workers:
+            for repeat, workers in ((r, w) for r in range(max(1, args.repeats)) for w in args.workers):
                 raw = _experiment(args, workers)
                 load_experiment(raw=raw)  # bad combinations (EP not dividing the experts) fail here
                 trainer = TorchTrainer(
@@ -141,22 +145,32 @@ def run(args: argparse.Namespace) -> int:
                                        "warmup": args.warmup, "threads": max(1, cores // workers)},
                     scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=args.gpu,
                                                            resources_per_worker={"CPU": max(1, cores // workers)}),
-                    run_config=ray.train.RunConfig(name=f"bench-ep-{workers}", storage_path=storage),
+                    run_config=ray.train.RunConfig(name=f"bench-ep-{workers}-{repeat}", storage_path=storage),
                     torch_config=TorchConfig(backend="nccl" if args.gpu else "gloo"),
                 )
                 metrics = dict(trainer.fit().metrics or {})
                 line = {"bench": "ep", "launcher": "ray_train", "device": "cuda" if args.gpu else "cpu",
                         "dataset": args.dataset, "experts": args.experts, "gate": args.gate,
                         "global_batch": args.batch_size, "workers": workers, "expert_parallel": workers,
+                        "repeat": repeat,
                         "cores": cores, **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}}
                 print(json.dumps(line), flush=True)
-                results[workers] = metrics
+                results[workers].append(metrics)
     finally:
         if started:
             ray.shutdown()
-    base = results.get(min(args.workers), {}).get("samples_per_s")
-    for workers, metrics in results.items():
-        if workers != min(args.workers) and base:
+
+    def median(workers: int, key: str) -> float:
+        return statistics.median(m[key] for m in results[workers])
+
+    base = median(min(args.workers), "samples_per_s")
+    for workers in args.workers:
+        if workers != min(args.workers):
             print(json.dumps({"bench": "ep", "summary": f"{workers} workers vs {min(args.workers)}",
-                              "speedup": round(metrics["samples_per_s"] / base, 3)}), flush=True)
+                              "runs_each": len(results[workers]),
+                              "median_samples_per_s": {w: round(median(w, "samples_per_s"), 1)
+                                                       for w in (min(args.workers), workers)},
+                              "speedup": round(median(workers, "samples_per_s") / base, 3),
+                              "per_run_speedups": [round(a["samples_per_s"] / b["samples_per_s"], 3) for a, b in
+                                                   zip(results[workers], results[min(args.workers)])]}), flush=True)
     return 0
