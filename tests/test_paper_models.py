@@ -91,6 +91,15 @@ def ref_grad(ref: RefExpert) -> list[torch.Tensor]:
     return grads
 
 
+def assert_running_stats_per_expert(stack: PaperExperts, refs: list) -> None:
+    """Stacked BatchNorm running statistics of expert i equal reference expert i's own."""
+    for j, bn in enumerate(stack.bns):
+        if hasattr(bn, "running_mean"):
+            for i, ref in enumerate(refs):
+                torch.testing.assert_close(bn.running_mean[i], ref.bns[j].running_mean)
+                torch.testing.assert_close(bn.running_var[i], ref.bns[j].running_var)
+
+
 @pytest.mark.parametrize("spec,counts", [(TINY_BN, [5, 5, 5]), (TINY_BN, [4, 0, 7]), (FMNIST, [6, 6, 6]),
                                          (FMNIST, [1, 9, 3])])
 def test_stacked_experts_equal_separate_plain_experts(spec, counts):
@@ -112,12 +121,7 @@ def test_stacked_experts_equal_separate_plain_experts(spec, counts):
             continue
         for g, g_ref in zip(stacked_grad(stack, i), ref_grad(ref)):
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
-    # BatchNorm running statistics are per expert
-    for j, bn in enumerate(stack.bns):
-        if hasattr(bn, "running_mean"):
-            for i, ref in enumerate(refs):
-                torch.testing.assert_close(bn.running_mean[i], ref.bns[j].running_mean)
-                torch.testing.assert_close(bn.running_var[i], ref.bns[j].running_var)
+    assert_running_stats_per_expert(stack, refs)
 
 
 @pytest.mark.parametrize("spec", [TINY_BN, FMNIST])
@@ -137,10 +141,7 @@ def test_dense_forward_equals_each_separate_expert_on_the_same_images(spec):
     for i, ref in enumerate(refs):
         for g, g_ref in zip(stacked_grad(stack, i), ref_grad(ref)):
             torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
-    for j, bn in enumerate(stack.bns):
-        if hasattr(bn, "running_mean"):
-            for i, ref in enumerate(refs):
-                torch.testing.assert_close(bn.running_mean[i], ref.bns[j].running_mean)
+    assert_running_stats_per_expert(stack, refs)
 
 
 def test_stacked_experts_eval_mode_uses_running_stats():
