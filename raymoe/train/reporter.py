@@ -76,6 +76,15 @@ class LocalReporter:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _local_folder(checkpoint) -> str | None:
+    """A Ray checkpoint as a folder on this machine: read in place from local storage (or NFS), else downloaded."""
+    if checkpoint is None:
+        return None
+    if checkpoint.filesystem.type_name == "local" and os.path.isdir(checkpoint.path):
+        return checkpoint.path
+    return checkpoint.to_directory(tempfile.mkdtemp(prefix="raymoe-resume-"))
+
+
 class RayReporter:
     """Ray Train worker: ray.train.report from every rank (a barrier); ranks that wrote files attach them.
 
@@ -89,12 +98,7 @@ class RayReporter:
     def latest_checkpoint(self) -> str | None:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        if checkpoint.filesystem.type_name == "local" and os.path.isdir(checkpoint.path):
-            return checkpoint.path  # storage on this machine (or NFS): read in place
-        return checkpoint.to_directory(tempfile.mkdtemp(prefix="raymoe-resume-"))
+        return _local_folder(ray.train.get_checkpoint())
 
     def staging_dir(self, epoch: int) -> str:
         return tempfile.mkdtemp(prefix=f"raymoe-{epoch_dir_name(epoch)}-")
@@ -121,12 +125,7 @@ class TuneReporter:
     def latest_checkpoint(self) -> str | None:
         import ray.tune
 
-        checkpoint = ray.tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        if checkpoint.filesystem.type_name == "local" and os.path.isdir(checkpoint.path):
-            return checkpoint.path
-        return checkpoint.to_directory(tempfile.mkdtemp(prefix="raymoe-resume-"))
+        return _local_folder(ray.tune.get_checkpoint())
 
     def staging_dir(self, epoch: int) -> str:
         return tempfile.mkdtemp(prefix=f"raymoe-{epoch_dir_name(epoch)}-")
