@@ -34,10 +34,8 @@ class ExpertStack(nn.Module):
         raise NotImplementedError
 
     def forward_dense(self, x_GX: torch.Tensor) -> torch.Tensor:
-        """Every local expert on the same G rows -> (e, G, Y). Stacks may override it to skip the copies."""
-        n = x_GX.shape[0]
-        x_RX = x_GX.unsqueeze(0).expand(self.num_local, *x_GX.shape).reshape(self.num_local * n, *x_GX.shape[1:])
-        return self.forward_grouped(x_RX, [n] * self.num_local).view(self.num_local, n, -1)
+        """Every local expert on the same G rows -> (e, G, Y) (dense gates: dispatch without expert ids)."""
+        raise NotImplementedError
 
     def shard(self, ep_rank: int, ep_size: int) -> "ExpertStack":
         """A copy that keeps only this rank's experts (parameter values are sliced, not re-initialised)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from raymoe.parallel.collectives import in_graph
 from raymoe.parallel.comm_meter import METER
 from raymoe.parallel.dispatch import DispatchMeta, inverse_permutation, put_rows, take_rows
 
@@ -105,8 +106,8 @@ class AllToAllDispatcher:
         # 2) rows: variable-size exchange, differentiable
         inverse_S = inverse_permutation(order_S, experts_P.numel())
         x_SX = take_rows(x_PX, order_S, inverse_S)
-        if dispatch_grad and not x_SX.requires_grad:
-            x_SX = x_SX.detach().requires_grad_()  # this rank's rows need no gradient, but its peers' do
+        if dispatch_grad:  # this rank's rows may need no gradient while its peers' do
+            x_SX = in_graph(x_SX)
         x_RX = all_to_all_autograd(x_SX, recv_splits, send_splits, self.group)
         # 3) source-major -> local-expert-major (stable sort by local expert keeps sources in rank order)
         local_id_R = torch.arange(self.per_rank, device=x_PX.device).repeat(self.ep_size)
@@ -131,8 +132,8 @@ class AllToAllDispatcher:
         sizes = recv_W2[:, 0].tolist()
         dispatch_grad = bool(recv_W2[:, 1].any()) or wants_grad
         x_SX = x_NX.unsqueeze(0).expand(w, *x_NX.shape).reshape(w * n, *x_NX.shape[1:])  # my items to each rank
-        if dispatch_grad and not x_SX.requires_grad:
-            x_SX = x_SX.detach().requires_grad_()  # see the module docstring
+        if dispatch_grad:  # see the module docstring
+            x_SX = in_graph(x_SX)
         x_GX = all_to_all_autograd(x_SX, sizes, [n] * w, self.group)
         meta = DispatchMeta(order_P=x_NX.new_empty(0, dtype=torch.long), kept_P=x_NX.new_ones(0, dtype=torch.bool),
                             num_pairs=self.num_experts * n, dense=True,
@@ -155,8 +156,7 @@ class AllToAllDispatcher:
             if x_RX is not None and (y_RY.shape[0] == 0 or not y_RY.requires_grad):
                 # experts given no rows may return a fresh tensor: keep the dispatch exchange in the graph
                 y_RY = y_RY + x_RX.sum() * 0
-            if not y_RY.requires_grad:
-                y_RY = y_RY.detach().requires_grad_()  # peers' outputs need the backward exchange
+            y_RY = in_graph(y_RY)  # peers' outputs need the backward exchange
         if meta.dense:
             return self._combine_dense(y_RY, meta)
         y_src_RY = put_rows(y_RY, extra["regroup_R"], y_RY.shape[0], extra["inverse_R"])  # undo step 3

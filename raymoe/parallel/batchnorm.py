@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from raymoe.parallel.collectives import _AllReduceSum, _in_graph
+from raymoe.parallel.collectives import _AllReduceSum, in_graph
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -31,10 +31,10 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [d for d in range(x.dim()) if d != 1]
         count = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=x.dtype, device=x.device)
         dist.all_reduce(count)  # items * spatial positions over all ranks (no gradient)
-        mean_C = _AllReduceSum.apply(_in_graph(x.sum(dim=dims))) / count
+        mean_C = _AllReduceSum.apply(in_graph(x.sum(dim=dims))) / count
         shape = [1, -1] + [1] * (x.dim() - 2)
         centred = x - mean_C.view(shape)
-        var_C = _AllReduceSum.apply(_in_graph((centred * centred).sum(dim=dims))) / count
+        var_C = _AllReduceSum.apply(in_graph((centred * centred).sum(dim=dims))) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)

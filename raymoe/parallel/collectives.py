@@ -50,7 +50,7 @@ def _gather(t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
 
 
-def _in_graph(t: torch.Tensor) -> torch.Tensor:
+def in_graph(t: torch.Tensor) -> torch.Tensor:
     """In grad mode, make `t` part of the autograd graph (a leaf if needed) so this rank runs the backward
     collective even when its own tensor needs no gradient: peers block in it otherwise."""
     if torch.is_grad_enabled() and t.is_floating_point() and not t.requires_grad:
@@ -102,7 +102,7 @@ def all_gather_autograd(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """
     if not ctx.distributed:
         return t
-    return _AllGather.apply(_in_graph(t), _first_dims(t, ctx), ctx.rank)
+    return _AllGather.apply(in_graph(t), _first_dims(t, ctx), ctx.rank)
 
 
 def all_gather_nograd(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -116,7 +116,7 @@ def all_reduce_sum_autograd(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """Sum over ranks with autograd (for per-rank sums such as the smooth load load_E)."""
     if not ctx.distributed:
         return t
-    return _AllReduceSum.apply(_in_graph(t))
+    return _AllReduceSum.apply(in_graph(t))
 
 
 def gather_gate_result(gate: GateResult, ctx: DistContext) -> GateResult:

@@ -85,5 +85,3 @@ def make_deterministic(device: torch.device) -> None:
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False
-        # NaN-filling every new tensor costs 10-20% of a step and changes no result of correct code.
-        torch.utils.deterministic.fill_uninitialized_memory = False

@@ -85,7 +85,14 @@ def _local_folder(checkpoint) -> str | None:
     return checkpoint.to_directory(tempfile.mkdtemp(prefix="raymoe-resume-"))
 
 
-class RayReporter:
+class _TempStaging:
+    """Epoch folders staged in a temp dir; Ray copies them to the run's storage when they are reported."""
+
+    def staging_dir(self, epoch: int) -> str:
+        return tempfile.mkdtemp(prefix=f"raymoe-{epoch_dir_name(epoch)}-")
+
+
+class RayReporter(_TempStaging):
     """Ray Train worker: ray.train.report from every rank (a barrier); ranks that wrote files attach them.
 
     fail_after: test hook (loop_config["inject_failure"] = {"rank": r, "after_epoch": e}): rank r raises after
@@ -99,9 +106,6 @@ class RayReporter:
         import ray.train
 
         return _local_folder(ray.train.get_checkpoint())
-
-    def staging_dir(self, epoch: int) -> str:
-        return tempfile.mkdtemp(prefix=f"raymoe-{epoch_dir_name(epoch)}-")
 
     def report(self, metrics: dict, checkpoint_dir: str | None, epoch: int) -> None:
         import ray.train
@@ -118,7 +122,7 @@ class RayReporter:
             raise RuntimeError(f"injected worker failure on rank {self.rank} after epoch {epoch} (test hook)")
 
 
-class TuneReporter:
+class TuneReporter(_TempStaging):
     """Inside a Tune trial that trains in its own process (one worker, no Ray Train): ray.tune.report with the
     epoch's folder as a Tune checkpoint; Tune restores the latest one on resume and after a trial failure."""
 
@@ -126,9 +130,6 @@ class TuneReporter:
         import ray.tune
 
         return _local_folder(ray.tune.get_checkpoint())
-
-    def staging_dir(self, epoch: int) -> str:
-        return tempfile.mkdtemp(prefix=f"raymoe-{epoch_dir_name(epoch)}-")
 
     def report(self, metrics: dict, checkpoint_dir: str | None, epoch: int) -> None:
         import ray.tune

@@ -40,10 +40,7 @@ class TrialNeed:
         """Resources of the trial's own actor: the whole worker when it trains in-process, else a driver sliver."""
         if not self.in_trial:
             return {"cpu": TRIAL_DRIVER_CPUS}
-        actor = {"cpu": self.cpus_per_worker}
-        if self.gpus_per_worker:
-            actor["gpu"] = self.gpus_per_worker
-        return actor
+        return {key.lower(): value for key, value in self.worker_bundle().items()}  # Tune spells them lower-case
 
     def worker_bundle(self) -> dict[str, float]:
         bundle = {"CPU": self.cpus_per_worker}
