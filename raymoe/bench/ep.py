@@ -4,7 +4,8 @@ Runs on real Ray Train workers (TorchTrainer, gloo on CPU / NCCL on GPU) with sy
 shape (the benchmark measures the model step, not the data pipeline), through the same train_epoch as
 `raymoe train`. Prints one JSON line per configuration: samples/s, bytes this rank sent per step, and the
 fraction of step time inside collectives (raymoe.parallel.comm_meter; it includes waiting for the slower
-rank at each collective), then a summary line with the speedup of the medians over --repeats alternating runs.
+rank at each collective), how unevenly the gate spread the pairs over the EP ranks (busiest rank / mean), then
+a summary line with the speedup of the medians over --repeats alternating runs.
 Each worker gets cores // workers torch threads, so both runs use the whole machine.
 """
 
@@ -31,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="alternate the worker counts this many times; the summary compares medians (a shared "
                              "VM's speed drifts by +-20%% between runs)")
+    parser.add_argument("--learn", action="store_true",
+                        help="let the weights move (train.lr); by default the optimizer runs with lr 0, so the "
+                             "routing stays at its initial state and every timed step of every run does the same "
+                             "work (a top-k gate trained on the one repeated synthetic batch collapses onto 2 "
+                             "experts within a few steps)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
 
@@ -67,6 +73,9 @@ def _bench_worker(config: dict) -> None:
     model = build_model(cfg, classes, channels, side).to(device)
     model = apply_expert_parallel(model, ctx) if ctx.distributed else model
     optimizer = make_optimizer(cfg.train, model)
+    if not config["learn"]:  # the full optimizer step still runs, the weights (and so the routing) stay fixed
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
     batch = cfg.train.batch_size
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, channels, side, side, generator=g)
@@ -98,6 +107,7 @@ def _bench_worker(config: dict) -> None:
         per_rank = [stats]
     steps = result.steps
     report = {
+        "expert_rows_max_rank_over_mean": _rank_load_imbalance(model, x, cfg.model.num_experts, ctx, world),
         "samples_per_s": batch * steps / max(float(s[2]) for s in per_rank),
         "step_ms": 1000 * max(float(s[2]) for s in per_rank) / steps,
         "comm_fraction": max(float(s[0] / s[2]) for s in per_rank),
@@ -112,6 +122,21 @@ def _bench_worker(config: dict) -> None:
             (Path(folder) / "metrics.json").write_text(json.dumps(report))
             checkpoint = ray.train.Checkpoint.from_directory(folder)
         ray.train.report(report, checkpoint=checkpoint)
+
+
+def _rank_load_imbalance(model, x, num_experts: int, ctx, world: int) -> float:
+    """(item, expert) pairs the busiest EP rank's experts get, over the mean (1.0 for dense gates): the slower
+    rank sets the pace at every exchange."""
+    import torch
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        experts_NK = model(x).gates[0].experts_NK
+    owner = experts_NK[experts_NK >= 0] // (num_experts // world)
+    load_W = torch.bincount(owner.cpu(), minlength=world).double()
+    if ctx.distributed:
+        dist.all_reduce(load_W)
+    return round(float(load_W.max() / load_W.mean()), 3)
 
 
 def _experiment(args: argparse.Namespace, workers: int) -> dict:
@@ -142,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
                 load_experiment(raw=raw)  # bad combinations (EP not dividing the experts) fail here
                 trainer = TorchTrainer(
                     _bench_worker,
-                    train_loop_config={"experiment": raw, "gpu": args.gpu, "steps": args.steps,
+                    train_loop_config={"experiment": raw, "gpu": args.gpu, "steps": args.steps, "learn": args.learn,
                                        "warmup": args.warmup, "threads": max(1, cores // workers)},
                     scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=args.gpu,
                                                            resources_per_worker={"CPU": max(1, cores // workers)}),
