@@ -264,3 +264,23 @@ def test_pareto_front_by_hand():
               enumerate([(0.1, 0.5), (0.2, 0.9), (0.3, 0.4), (0.1, 0.3), (0.05, 0.1), (float("nan"), 1.0)])]
     front = pareto_front(points, ["e", "m"], ["min", "max"])
     assert sorted(p["index"] for p in front) == [0, 1, 4]
+
+
+def test_every_metric_a_sweep_may_name_is_one_the_training_loop_reports():
+    """LOOP_METRICS (what `metric:` may name) is kept by hand: each name must come out of train_fn's per-epoch
+    metrics for a real evaluation of a gated MoE with more than 5 classes (top5_error exists only then)."""
+    import torch
+
+    from ep_harness import TinyMoE
+    from raymoe.parallel.context import DistContext
+    from raymoe.train.loop import epoch_metrics
+    from raymoe.train.step import EpochResult, evaluate
+    from raymoe.tune.sweep_schema import LOOP_METRICS
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 10, (32,))
+    test, _ = evaluate(TinyMoE(num_experts=4, d_in=6, num_classes=10), [(x, y)], ctx=DistContext(),
+                       num_experts=4, num_classes=10)
+    result = EpochResult(loss=1.0, error=0.5, samples=32, steps=1, seconds=1.0, data_seconds=0.0, parts={})
+    reported = epoch_metrics(result, test, eval_seconds=0.1)
+    assert set(LOOP_METRICS) <= set(reported), sorted(set(LOOP_METRICS) - set(reported))

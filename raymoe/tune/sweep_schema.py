@@ -13,7 +13,7 @@ ParamType = Literal["categorical", "int", "float", "loguniform"]
 Mode = Literal["min", "max"]
 
 # Per-epoch metrics that train_fn (raymoe.train.loop) logs to MLflow and reports to Tune from rank 0.
-# Keep in step with raymoe.train.loop.epoch_metrics and the evaluation accumulator.
+# Kept by hand; tests/test_sweep_config.py checks each name against what train_fn reports.
 LOOP_METRICS = (
     "test_error", "train_error", "test_loss", "train_loss", "top5_error",
     "mi_pred_bits", "mi_true_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv",
