@@ -14,7 +14,7 @@ nn.BatchNorm2d does (unbiased variance, momentum). Only a plain nn.BatchNorm2d i
 GlobalBatchNorm (data parallel) keeps its own statistics, so callers use the ordinary path for it.
 
 Shape legend: B images, S side, S' = S + 2 pad - 2 output side, P = S'^2 positions, O output channels,
-M = B*P patch rows.
+M = B*P patch rows, K = 9 kernel offsets (10 with a row of ones), R and C the small outer dims of long_inner_mm.
 """
 
 from __future__ import annotations
