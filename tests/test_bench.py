@@ -8,7 +8,8 @@ from raymoe.cli import main as cli_main
 
 
 def test_bench_moe_layer_quick_prints_one_line_per_size_and_k(capsys):
-    assert cli_main(["bench", "moe-layer", "--quick", "--iters", "1", "--warmup", "0"]) == 0
+    assert cli_main(["bench", "moe-layer", "--quick", "--iters", "1", "--warmup", "0",
+                     "--device", "cpu"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     header, rows = lines[0], lines[1:]
     assert header["dtype"] == "float32" and header["device"] == "cpu"
