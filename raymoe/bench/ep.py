@@ -107,7 +107,7 @@ def _bench_worker(config: dict) -> None:
         per_rank = [stats]
     steps = result.steps
     report = {
-        "expert_rows_max_rank_over_mean": _rank_load_imbalance(model, x, cfg.model.num_experts, ctx, world),
+        "expert_rows_max_rank_over_mean": _rank_load_imbalance(model, x, cfg.model.num_experts, ctx),
         "samples_per_s": batch * steps / max(float(s[2]) for s in per_rank),
         "step_ms": 1000 * max(float(s[2]) for s in per_rank) / steps,
         "comm_fraction": max(float(s[0] / s[2]) for s in per_rank),
@@ -124,18 +124,15 @@ def _bench_worker(config: dict) -> None:
         ray.train.report(report, checkpoint=checkpoint)
 
 
-def _rank_load_imbalance(model, x, num_experts: int, ctx, world: int) -> float:
+def _rank_load_imbalance(model, x, num_experts: int, ctx) -> float:
     """(item, expert) pairs the busiest EP rank's experts get, over the mean (1.0 for dense gates): the slower
     rank sets the pace at every exchange."""
     import torch
-    import torch.distributed as dist
 
     with torch.no_grad():
         experts_NK = model(x).gates[0].experts_NK
-    owner = experts_NK[experts_NK >= 0] // (num_experts // world)
-    load_W = torch.bincount(owner.cpu(), minlength=world).double()
-    if ctx.distributed:
-        dist.all_reduce(load_W)
+    owner = experts_NK[experts_NK >= 0] // (num_experts // ctx.ep_size)
+    load_W = ctx.all_reduce_sum(torch.bincount(owner, minlength=ctx.ep_size).double())
     return round(float(load_W.max() / load_W.mean()), 3)
 
 

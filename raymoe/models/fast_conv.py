@@ -108,9 +108,8 @@ def conv1ch_bn(x_B1SS: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tor
     beta = bn.bias if bn.affine else torch.zeros_like(bias_O)
     if not (bn.training or not bn.track_running_stats):  # running statistics: a plain folded conv
         scale_O = gamma * torch.rsqrt(bn.running_var + bn.eps)
-        cols_KM, side = patches_KM(x_B1SS, conv.padding[0])
-        y_MO = patch_gemm(cols_KM, w_OK * scale_O[:, None], beta + scale_O * (bias_O - bn.running_mean))
-        return _nchw_view(y_MO, x_B1SS.shape[0], side)
+        return conv1ch_weights(x_B1SS, w_OK * scale_O[:, None], beta + scale_O * (bias_O - bn.running_mean),
+                               conv.padding[0])
     # Batch statistics are shift-invariant, so the patches of x - mean(x) give the same output; that keeps the
     # one-pass second moments below (sum of x x^T) well conditioned. Row 9 of the patches is ones: one GEMM gives
     # the sums, the second moments and the count.

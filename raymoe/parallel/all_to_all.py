@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from raymoe.parallel.collectives import in_graph
 from raymoe.parallel.comm_meter import METER
-from raymoe.parallel.dispatch import DispatchMeta, inverse_permutation, put_rows, take_rows
+from raymoe.parallel.dispatch import DispatchMeta, inverse_permutation, put_rows, sort_pairs, take_rows
 
 
 def _remote_bytes(rows: torch.Tensor, splits: list[int], group) -> int:
@@ -87,9 +87,7 @@ class AllToAllDispatcher:
         """
         if experts_P is None:
             return self._dispatch_dense(x_PX)
-        kept_P = experts_P >= 0
-        kept_idx = kept_P.nonzero().squeeze(1)
-        order_S = kept_idx[torch.argsort(experts_P[kept_idx], stable=True)]
+        kept_P, order_S, inverse_S = sort_pairs(experts_P)
         send_E = torch.bincount(experts_P[order_S], minlength=self.num_experts)
         # 1) counts: rank w learns how many rows each source sends to each of its local experts, plus whether
         # any source's rows need gradients (then every rank must run the backward exchange, see module doc)
@@ -104,7 +102,6 @@ class AllToAllDispatcher:
         send_splits = send_E.view(self.ep_size, self.per_rank).sum(1).tolist()
         recv_splits = recv_We.sum(1).tolist()
         # 2) rows: variable-size exchange, differentiable
-        inverse_S = inverse_permutation(order_S, experts_P.numel())
         x_SX = take_rows(x_PX, order_S, inverse_S)
         if dispatch_grad:  # this rank's rows may need no gradient while its peers' do
             x_SX = in_graph(x_SX)
@@ -135,9 +132,8 @@ class AllToAllDispatcher:
         if dispatch_grad:  # see the module docstring
             x_SX = in_graph(x_SX)
         x_GX = all_to_all_autograd(x_SX, sizes, [n] * w, self.group)
-        meta = DispatchMeta(order_P=x_NX.new_empty(0, dtype=torch.long), kept_P=x_NX.new_ones(0, dtype=torch.bool),
-                            num_pairs=self.num_experts * n, dense=True,
-                            extra={"sizes": sizes, "n": n, "x_RX": x_GX if dispatch_grad else None})
+        meta = DispatchMeta.for_dense(x_NX, self.num_experts * n,
+                                      extra={"sizes": sizes, "n": n, "x_RX": x_GX if dispatch_grad else None})
         return x_GX, [x_GX.shape[0]] * self.per_rank, meta
 
     def _combine_dense(self, y_eGY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:

@@ -81,6 +81,21 @@ class DispatchMeta:
     inverse_P: torch.Tensor | None = None  # inverse of order_P when no pair was dropped
     dense: bool = False  # every expert saw every item (dispatch without expert ids)
 
+    @classmethod
+    def for_dense(cls, x: torch.Tensor, num_pairs: int, extra: dict | None = None) -> "DispatchMeta":
+        """The meta of a dense dispatch: no pair order, every (expert, item) pair kept."""
+        return cls(order_P=x.new_empty(0, dtype=torch.long), kept_P=x.new_ones(0, dtype=torch.bool),
+                   num_pairs=num_pairs, extra=extra, dense=True)
+
+
+def sort_pairs(experts_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(kept_P, order, inverse): the kept pairs (expert id >= 0) in a stable sort by expert id, and the inverse
+    of that order when no pair was dropped."""
+    kept_P = experts_P >= 0
+    kept_idx = kept_P.nonzero().squeeze(1)
+    order = kept_idx[torch.argsort(experts_P[kept_idx], stable=True)]
+    return kept_P, order, inverse_permutation(order, experts_P.numel())
+
 
 class LocalDispatcher:
     """Single worker: all experts are local; dispatch is a stable sort by expert id."""
@@ -107,14 +122,9 @@ class LocalDispatcher:
         """
         if experts_P is None:
             n = x_PX.shape[0]
-            meta = DispatchMeta(order_P=x_PX.new_empty(0, dtype=torch.long), kept_P=x_PX.new_ones(0, dtype=torch.bool),
-                                num_pairs=self.num_experts * n, dense=True)
-            return x_PX, [n] * self.num_experts, meta
-        kept_P = experts_P >= 0
-        kept_idx = kept_P.nonzero().squeeze(1)
-        order = kept_idx[torch.argsort(experts_P[kept_idx], stable=True)]
+            return x_PX, [n] * self.num_experts, DispatchMeta.for_dense(x_PX, self.num_experts * n)
+        kept_P, order, inverse = sort_pairs(experts_P)
         counts = torch.bincount(experts_P[order], minlength=self.num_experts).tolist()
-        inverse = inverse_permutation(order, experts_P.numel())
         meta = DispatchMeta(order_P=order, kept_P=kept_P, num_pairs=experts_P.numel(), inverse_P=inverse)
         return take_rows(x_PX, order, inverse), counts, meta
 
