@@ -12,7 +12,7 @@ from torch import nn
 from raymoe.config.load import load_experiment
 from raymoe.models.build import build_model
 from raymoe.models.distill import build_distilled
-from raymoe.models.fast_conv import first_conv, long_inner_mm
+from raymoe.models.fast_conv import first_conv
 from raymoe.models.moe import ExpectationMoE
 from raymoe.models.paper_experts import ConvNetSpec, PaperExperts, expert_spec
 from raymoe.models.paper_gate_nets import GateTrunk, gate_trunk_spec
@@ -365,11 +365,3 @@ def test_first_conv_gemm_path_equals_conv_then_batchnorm(padding, with_bn):
     SubclassedBN.calls = 0
     first_conv(x, conv, SubclassedBN(8))
     assert SubclassedBN.calls == 1
-
-
-@pytest.mark.parametrize("m", [7, 160, 1000 * 16 + 37])  # fewer rows than chunks, exact chunks, a remainder
-def test_long_inner_mm_equals_the_plain_product(m):
-    torch.manual_seed(0)
-    a, b = torch.randn(10, m, dtype=torch.float64), torch.randn(m, 9, dtype=torch.float64)
-    torch.testing.assert_close(long_inner_mm(a, b), a @ b)
-    torch.testing.assert_close(long_inner_mm(a, a.t()), a @ a.t())  # the transposed views the Gram matrix uses

@@ -14,7 +14,7 @@ nn.BatchNorm2d does (unbiased variance, momentum). Only a plain nn.BatchNorm2d i
 GlobalBatchNorm (data parallel) keeps its own statistics, so callers use the ordinary path for it.
 
 Shape legend: B images, S side, S' = S + 2 pad - 2 output side, P = S'^2 positions, O output channels,
-M = B*P patch rows, K = 9 kernel offsets (10 with a row of ones), R and C the small outer dims of long_inner_mm.
+M = B*P patch rows, K = 9 kernel offsets (10 with a row of ones).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from raymoe.models.onednn_gemm import mm_nt
 
 
 def patches_KM(x_B1SS: torch.Tensor, padding: int, shift: torch.Tensor | None = None,
@@ -44,24 +46,8 @@ def patches_KM(x_B1SS: torch.Tensor, padding: int, shift: torch.Tensor | None = 
     return cols_KM, side
 
 
-def long_inner_mm(a_RM: torch.Tensor, b_MC: torch.Tensor, chunks: int = 16) -> torch.Tensor:
-    """a @ b for a huge inner dim M and tiny R, C, as a batched GEMM over M-chunks summed afterwards.
-
-    NOTE: BLAS runs a (10, 346112) x (346112, 10) product on about one core; as 16 chunks in one bmm it took
-    0.83 ms instead of 3.1 ms on a 2-core VM (the patches' Gram matrix and the filters' gradient have this shape).
-    """
-    m = a_RM.shape[1]
-    size = m // chunks
-    if size == 0:
-        return a_RM @ b_MC
-    main = size * chunks
-    out_RC = torch.bmm(a_RM[:, :main].unflatten(1, (chunks, size)).transpose(0, 1),
-                       b_MC[:main].unflatten(0, (chunks, size))).sum(0)
-    return out_RC if main == m else out_RC + a_RM[:, main:] @ b_MC[main:]
-
-
 class _PatchGemm(torch.autograd.Function):
-    """y = patches^T w^T (+ bias) for patches without gradient; the filters' gradient by long_inner_mm."""
+    """y = patches^T w^T (+ bias) for patches without gradient; the filters' gradient by oneDNN (onednn_gemm.py)."""
 
     @staticmethod
     def forward(fn_ctx, cols_KM: torch.Tensor, w_OK: torch.Tensor, bias_O: torch.Tensor | None) -> torch.Tensor:
@@ -72,8 +58,8 @@ class _PatchGemm(torch.autograd.Function):
     @staticmethod
     def backward(fn_ctx, dy_MO: torch.Tensor):
         (cols_KM,) = fn_ctx.saved_tensors
-        # (cols dy)^T: both operands row-major, measured 20-30% faster than dy^T cols^T
-        dw_OK = long_inner_mm(cols_KM, dy_MO).t() if fn_ctx.needs_input_grad[1] else None
+        # (cols dy)^T, inner dim M = B*P: with the row-major patches as oneDNN's source, 7x faster than dy^T cols^T
+        dw_OK = mm_nt(cols_KM, dy_MO.t()).t() if fn_ctx.needs_input_grad[1] else None
         db_O = dy_MO.sum(0) if fn_ctx.has_bias and fn_ctx.needs_input_grad[2] else None
         return None, dw_OK, db_O
 
@@ -116,7 +102,7 @@ def conv1ch_bn(x_B1SS: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tor
     shift = x_B1SS.mean()
     cols_KM, side = patches_KM(x_B1SS, conv.padding[0], shift=shift, ones_row=True)
     with torch.no_grad():
-        gram = long_inner_mm(cols_KM, cols_KM.t())
+        gram = mm_nt(cols_KM, cols_KM)
         m = gram[9, 9]
         mean_K = gram[:9, 9] / m
         cov_KK = gram[:9, :9] / m - mean_K[:, None] * mean_K[None, :]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.models.onednn_gemm import linear
 from raymoe.models.paper_experts import ConvNetSpec, conv_stages, run_conv_stages
 
 # Gate columns of the spec §1.2 table: (conv channels, BatchNorm flags, padding, fc1, H, attentive ReLU on fc2).
@@ -45,5 +46,6 @@ class GateTrunk(nn.Module):
 
     def forward(self, x_BCSS: torch.Tensor) -> torch.Tensor:
         t = run_conv_stages(self.convs, self.bns, x_BCSS)
-        h_BH = self.fc2(F.relu(self.fc1(t.flatten(1))))
+        # fc1 is the gate's largest GEMM (FMNIST: 1352 -> 512): oneDNN on CPU (onednn_gemm.py)
+        h_BH = linear(F.relu(linear(t.flatten(1), self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
         return F.relu(h_BH) if self.final_relu else h_BH

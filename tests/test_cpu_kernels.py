@@ -1,0 +1,55 @@
+"""The CPU fast paths against plain torch in float64: oneDNN GEMMs (forward and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raymoe.models.onednn_gemm import linear, mm_nt, uses_onednn
+
+needs_onednn = pytest.mark.skipif(not uses_onednn(torch.zeros(1)), reason="torch without oneDNN on this CPU")
+
+
+@needs_onednn
+@pytest.mark.parametrize("transposed_input", [False, True])
+def test_linear_matches_float64_forward_and_gradients(transposed_input):
+    torch.manual_seed(0)
+    x = torch.randn(300, 77) if not transposed_input else torch.randn(77, 300).t()  # strided input as well
+    w, b, g = torch.randn(40, 77), torch.randn(40), torch.randn(300, 40)
+    x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True)
+    y = linear(x, w, b)
+    assert y.grad_fn is not None and "Linear" in type(y.grad_fn).__name__ and "Addmm" not in type(y.grad_fn).__name__
+    (y * g).sum().backward()
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    y64 = F.linear(x64, w64, b64)
+    (y64 * g.double()).sum().backward()
+    torch.testing.assert_close(y.double(), y64, rtol=1e-5, atol=1e-4)
+    for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@needs_onednn
+def test_linear_without_bias_and_with_frozen_weight():
+    torch.manual_seed(1)
+    x, w = torch.randn(5, 6, requires_grad=True), torch.randn(3, 6)
+    linear(x, w).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(5, 6))
+
+
+@pytest.mark.parametrize("inner", [0, 1, 9, 346_112])  # empty (oneDNN refuses it), tiny, the first conv's M
+def test_mm_nt_equals_the_plain_product(inner):
+    torch.manual_seed(2)
+    a, b = torch.randn(10, inner), torch.randn(8, inner)
+    want = a.double() @ b.double().t()
+    torch.testing.assert_close(mm_nt(a, b).double(), want, rtol=1e-5, atol=1e-3 if inner > 1000 else 1e-5)
+    torch.testing.assert_close(mm_nt(a, a).double(), a.double() @ a.double().t(), rtol=1e-5,
+                               atol=1e-3 if inner > 1000 else 1e-5)  # the Gram matrix of fast_conv
+
+
+def test_other_dtypes_and_3d_input_take_the_plain_path():
+    x, w = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    assert not uses_onednn(x)
+    torch.testing.assert_close(linear(x, w), F.linear(x, w))
+    x3 = torch.randn(2, 4, 3)
+    torch.testing.assert_close(linear(x3, w.float()), F.linear(x3, w.float()))
