@@ -55,11 +55,11 @@ def _bench_worker(config: dict) -> None:
     from raymoe.parallel.comm_meter import METER
     from raymoe.parallel.context import DistContext
     from raymoe.parallel.expert_parallel import apply_expert_parallel
-    from raymoe.train.device import flush_denormals, pick_device
+    from raymoe.train.device import pick_device, prepare_cpu_process
     from raymoe.train.loop import make_optimizer
     from raymoe.train.step import train_epoch
 
-    flush_denormals()  # as train_fn does
+    prepare_cpu_process()  # as train_fn does
     cfg = load_experiment(raw=config["experiment"])
     device = pick_device("cuda" if config["gpu"] else "cpu")
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -20,7 +20,7 @@ from raymoe.config.load import load_experiment
 from raymoe.config.schema import ExperimentConfig, TrainConfig
 from raymoe.parallel.context import DistContext
 from raymoe.tracking.mlflow_run import NullRun, TrackedRun
-from raymoe.train.device import (epoch_seed, flush_denormals, make_deterministic, pick_device,
+from raymoe.train.device import (epoch_seed, make_deterministic, pick_device, prepare_cpu_process,
                                  seed_everything, set_cpu_threads)
 from raymoe.train.step import EpochResult, TrainingDiverged, evaluate, post_step_hooks, train_epoch
 
@@ -175,7 +175,7 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
     from raymoe.train.checkpoint import save_checkpoint
     from raymoe.train.reporter import make_reporter
 
-    flush_denormals()
+    prepare_cpu_process()
     cfg = load_experiment(raw=loop_config["experiment"])
     run_name = loop_config["run_name"]
     device = pick_device(cfg.train.device)
