@@ -14,7 +14,7 @@ For each size and k in (1, 2), with one set of random inputs and weights, it tim
 Prints one JSON line per (size, k) with ratio_vs_dense = layer / dense_chunked, ratio_vs_naive = layer / naive and
 hypermoe_overhead = hypermoe / layer - 1, from wall-clock medians; on CPU the same ratios from process CPU-time
 medians too ("cpu_time"), which other jobs on a shared machine disturb far less (exact for --threads 1).
-float32; threads = torch.get_num_threads() unless --threads.
+float32; threads = torch.get_num_threads() unless --threads; subnormals flushed and freed memory kept, as in training.
 
 Shape legend: N tokens, D model dim, F expert hidden, E experts, K experts per token.
 """
@@ -146,6 +146,9 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
 
 
 def run(args: argparse.Namespace) -> int:
+    from raymoe.train.device import prepare_cpu_process
+
+    prepare_cpu_process()  # the process settings every training process runs with
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
