@@ -201,6 +201,7 @@ def _stop_head(temp_dir: str) -> None:
     _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
     for p in alive:
         p.kill()
+    psutil.wait_procs(alive, timeout=15)  # SIGKILL is asynchronous: the caller checks that nothing is left
 
 
 @needs_training
