@@ -115,6 +115,13 @@ def _act(pre: torch.Tensor, act: Activation) -> torch.Tensor:
     return F.gelu(pre) if act == "gelu" else F.relu(pre)
 
 
+def _act_into(pre: torch.Tensor, act: Activation, out: torch.Tensor) -> torch.Tensor:
+    """act(pre) written into `out` (a row slice of a preallocated tensor)."""
+    if act == "gelu":
+        return torch.ops.aten.gelu.out(pre, out=out)
+    return torch.clamp_min(pre, 0.0, out=out)
+
+
 def _act_backward(grad: torch.Tensor, pre: torch.Tensor, act: Activation) -> torch.Tensor:
     if act == "gelu":
         return torch.ops.aten.gelu_backward(grad, pre)
@@ -127,28 +134,29 @@ class _LoopFFN(torch.autograd.Function):
 
     NOTE: autograd over split/unbind would stack the per-group weight gradients afterwards (a full copy of all
     expert weights per step) and concatenate the row gradients; with many experts that traffic was ~20% of the
-    layer's CPU time. Only the pre-activation is saved; the activation is recomputed per group in backward.
-    No double backward.
+    layer's CPU time. The pre-activation and the activation are both saved, as autograd over nn.Linear would
+    (recomputing the activation in backward measured 1-1.5% slower for the whole layer). No double backward.
     """
 
     @staticmethod
     def forward(ctx, x_RX, w1_GXH, b1_GH, w2_GHY, b2_GY, counts: list[int], act: Activation):
         pre_RH = x_RX.new_empty((x_RX.shape[0], w1_GXH.shape[2]))
+        h_RH = torch.empty_like(pre_RH)
         y_RY = x_RX.new_empty((x_RX.shape[0], w2_GHY.shape[2]))
         start = 0
         for g, c in enumerate(counts):
             if c:
                 rows = slice(start, start + c)
                 torch.addmm(b1_GH[g], x_RX[rows], w1_GXH[g], out=pre_RH[rows])
-                torch.addmm(b2_GY[g], _act(pre_RH[rows], act), w2_GHY[g], out=y_RY[rows])
+                torch.addmm(b2_GY[g], _act_into(pre_RH[rows], act, h_RH[rows]), w2_GHY[g], out=y_RY[rows])
                 start += c
-        ctx.save_for_backward(x_RX, w1_GXH, w2_GHY, pre_RH)
+        ctx.save_for_backward(x_RX, w1_GXH, w2_GHY, pre_RH, h_RH)
         ctx.counts, ctx.act = counts, act
         return y_RY
 
     @staticmethod
     def backward(ctx, dy_RY):
-        x_RX, w1_GXH, w2_GHY, pre_RH = ctx.saved_tensors
+        x_RX, w1_GXH, w2_GHY, pre_RH, h_RH = ctx.saved_tensors
         dy_RY = dy_RY.contiguous()
         dx_RX = torch.empty_like(x_RX)
         dw1, dw2 = torch.empty_like(w1_GXH), torch.empty_like(w2_GHY)  # every group's slot written below
@@ -162,7 +170,7 @@ class _LoopFFN(torch.autograd.Function):
             else:
                 rows = slice(start, start + c)
                 x, pre, dy = x_RX[rows], pre_RH[rows], dy_RY[rows]
-                torch.mm(_act(pre, ctx.act).t(), dy, out=dw2[g])
+                torch.mm(h_RH[rows].t(), dy, out=dw2[g])
                 torch.sum(dy, 0, out=db2[g])
                 dpre = _act_backward(dy @ w2_GHY[g].t(), pre, ctx.act)
                 torch.mm(x.t(), dpre, out=dw1[g])
