@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymoe.models.onednn_gemm import linear, mm_nt, uses_onednn
+from raymoe.kernels.onednn_gemm import linear, mm_nt, uses_onednn
 
 needs_onednn = pytest.mark.skipif(not uses_onednn(torch.zeros(1)), reason="torch without oneDNN on this CPU")
 

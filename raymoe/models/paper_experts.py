@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.models.fast_conv import conv1ch_weights, first_conv
+from raymoe.kernels.fast_conv import conv1ch_weights, first_conv
 from raymoe.moe.expert_stack import ExpertStack
 
 

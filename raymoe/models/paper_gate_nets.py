@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.models.onednn_gemm import linear
+from raymoe.kernels.onednn_gemm import linear
 from raymoe.models.paper_experts import ConvNetSpec, conv_stages, run_conv_stages
 
 # Gate columns of the spec §1.2 table: (conv channels, BatchNorm flags, padding, fc1, H, attentive ReLU on fc2).

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.models.onednn_gemm import mm_nt
+from raymoe.kernels.onednn_gemm import mm_nt
 
 
 def patches_KM(x_B1SS: torch.Tensor, padding: int, shift: torch.Tensor | None = None,
