@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.kernels.onednn_gemm import linear
 from raymoe.moe.routing import GateResult
 from raymoe.moe.token.bias_balance import BiasBalancer
 from raymoe.moe.token.experts import TokenExperts
@@ -94,7 +95,7 @@ class TopKRouter(TokenChoiceRouter):
         x = x_ND.float()
         if self.training and self.jitter > 0:  # Switch: multiply the router input by U(1 - eps, 1 + eps)
             x = x * torch.empty_like(x).uniform_(1 - self.jitter, 1 + self.jitter)
-        logits_NE = F.linear(x, self.proj.weight.float())
+        logits_NE = linear(x, self.proj.weight.float())  # oneDNN on CPU: 0.6 vs 1.5 ms fwd+bwd at 8192 x 256 -> 8
         return (logits_NE if self.temperature == 1.0 else logits_NE / self.temperature), None
 
 
@@ -110,8 +111,8 @@ class NoisyTopKRouter(TokenChoiceRouter):
 
     def route_logits(self, x_ND, experts):
         x = x_ND.float()
-        clean_NE = x @ self.w_gate_DE.float()
-        std_NE = F.softplus(x @ self.w_noise_DE.float()) + self.noise_eps
+        clean_NE = linear(x, self.w_gate_DE.float().t())
+        std_NE = F.softplus(linear(x, self.w_noise_DE.float().t())) + self.noise_eps
         noisy_NE = clean_NE + torch.randn_like(clean_NE) * std_NE if self.training else clean_NE
         return noisy_NE / self.temperature, self._smooth_load(clean_NE, noisy_NE, std_NE)
 
