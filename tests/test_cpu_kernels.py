@@ -55,13 +55,15 @@ def test_other_dtypes_and_3d_input_take_the_plain_path():
     x, w = torch.randn(2, 4, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     assert not uses_onednn(x)
     torch.testing.assert_close(linear(x, w), F.linear(x, w))
-    x3 = torch.randn(2, 4, 3)
-    torch.testing.assert_close(linear(x3, w.float()), F.linear(x3, w.float()))
+    x3 = torch.randn(2, 4, 3, requires_grad=True)
+    y3 = linear(x3, w.float())
+    assert "_Linear" not in type(y3.grad_fn).__name__  # 3-d input is F.linear's, not the 2-d oneDNN Function's
+    torch.testing.assert_close(y3, F.linear(x3, w.float()))
 
 
 FAULTS_SCRIPT = textwrap.dedent("""
     import ctypes, resource, torch
-    from raymoe.train.device import keep_freed_memory
+    from raymoe.train.device import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, keep_freed_memory
 
     def steady_faults_per_round(rounds=8):
         counts = []
@@ -74,7 +76,7 @@ FAULTS_SCRIPT = textwrap.dedent("""
 
     # glibc's static defaults (mmap above 128 KiB, trim above 128 KiB free), not its run-dependent adaptive ones
     mallopt = ctypes.CDLL("libc.so.6").mallopt
-    assert mallopt(-3, 128 << 10) == 1 and mallopt(-1, 128 << 10) == 1
+    assert mallopt(_M_MMAP_THRESHOLD, 128 << 10) == 1 and mallopt(_M_TRIM_THRESHOLD, 128 << 10) == 1
     default = steady_faults_per_round()
     assert keep_freed_memory()
     print(default, steady_faults_per_round())
