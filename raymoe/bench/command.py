@@ -10,6 +10,7 @@ BENCHMARKS = {
     "ep": "raymoe.bench.ep",
     "moe-layer": "raymoe.bench.moe_layer",
     "tune": "raymoe.bench.tune",
+    "fidelity": "raymoe.bench.fidelity",
 }
 
 

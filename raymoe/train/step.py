@@ -64,6 +64,33 @@ def set_eval_mode(model: nn.Module, bn_eval: bool) -> None:
                 module.train()
 
 
+def step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, reg_cfg: RegularizerConfig, ctx: DistContext,
+              global_n: int, use_reg: bool | None = None):
+    """The loss of one training step on this rank's slice of a global batch of `global_n` samples.
+
+    Returns:
+        (loss, model output, NLL sum over this rank's samples, RegTerms); loss = NLL sum / global_n
+        + regularizers / world size + the model's own aux loss / world size (module docstring).
+    """
+    from raymoe.regularizers.combine import regularize
+
+    use_reg = regularizer_active(reg_cfg) if use_reg is None else use_reg
+    out = model(x)
+    nll_sum = F.nll_loss(out.log_probs_BC, y, reduction="sum")
+    loss = nll_sum / global_n
+    if use_reg and ctx.distributed:  # batch-level terms need the whole global batch
+        from raymoe.parallel.collectives import all_gather_nograd, gather_model_output
+
+        reg = regularize(reg_cfg, gather_model_output(out, ctx), all_gather_nograd(x, ctx))
+    else:  # unweighted terms such as importance are still logged (cheap); total is 0 when inactive
+        reg = regularize(reg_cfg, out, x)
+    if use_reg:
+        loss = loss + reg.total / ctx.world_size
+    if out.aux_loss is not None:  # a mean over this rank's items: average it over ranks like the NLL
+        loss = loss + out.aux_loss / ctx.world_size
+    return loss, out, nll_sum, reg
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, reg_cfg: RegularizerConfig,
                 ctx: DistContext, epoch: int, num_samples: int, batch_size: int,
                 hooks: list[nn.Module] | None = None,
@@ -81,12 +108,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     Raises:
         TrainingDiverged: the loss of some step was NaN/inf (checked before that step updates the weights).
     """
-    from raymoe.regularizers.combine import regularize
-
     hooks = post_step_hooks(model) if hooks is None else hooks
     use_reg = regularizer_active(reg_cfg)
-    if use_reg and ctx.distributed:
-        from raymoe.parallel.collectives import all_gather_nograd, gather_model_output
     if ctx.distributed:
         from raymoe.parallel.expert_parallel import sync_gradients
     model.train()
@@ -103,21 +126,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             break
         data_seconds += time.perf_counter() - fetch
         global_n = min(batch_size, num_samples - steps * batch_size)
-        out = model(x)
-        log_probs_BC = out.log_probs_BC
-        nll_sum = F.nll_loss(log_probs_BC, y, reduction="sum")
-        loss = nll_sum / global_n
-        if use_reg and ctx.distributed:  # batch-level terms need the whole global batch
-            reg = regularize(reg_cfg, gather_model_output(out, ctx), all_gather_nograd(x, ctx))
-        else:  # unweighted terms such as importance are still logged (cheap); total is 0 when inactive
-            reg = regularize(reg_cfg, out, x)
-        if use_reg:
-            loss = loss + reg.total / ctx.world_size
+        loss, out, nll_sum, reg = step_loss(model, x, y, reg_cfg=reg_cfg, ctx=ctx, global_n=global_n, use_reg=use_reg)
         for name, value in reg.parts.items():
             part_sums[name] = part_sums.get(name, 0.0) + value.detach()
-        if out.aux_loss is not None:  # a mean over this rank's items: average it over ranks like the NLL
-            loss = loss + out.aux_loss / ctx.world_size
-        correct = (log_probs_BC.detach().argmax(dim=1) == y).sum()
+        correct = (out.log_probs_BC.detach().argmax(dim=1) == y).sum()
         stats = torch.stack([nll_sum.detach().double(), correct.double(), (~torch.isfinite(loss.detach())).double()])
         stats = ctx.all_reduce_sum(stats.to(device)).cpu() if ctx.distributed else stats.cpu()
         steps += 1

@@ -1,0 +1,145 @@
+"""`raymoe bench fidelity`: raymoe's paper models against a literal implementation of the reference code.
+
+Two parts, both printed as JSON lines (raymoe/fidelity/):
+* steps: for each preset, raymoe's step (the fast stacked model, `step_loss`, its optimizer) and the literal
+  model's step in float32, both measured against the literal model in float64, from the same weights on the same
+  batches. raymoe passes when it is no further from float64 than the float32 literal model is (times a margin):
+  any remaining gap is float32 rounding, not a different computation.
+* runs (--seeds N): for each preset and seed, the full loops side by side: `train_fn` exactly as `raymoe train`
+  runs it, and the literal reference loop (torchvision DataLoader, per-sample transforms, plain modules); final
+  train loss, train and test error, H_u; then mean +- std per side, and the speed ratio of the two loops
+  (samples/s including evaluation, measured in this one run on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from raymoe.config.load import load_experiment
+
+PRESETS = Path(__file__).resolve().parents[2] / "tune_configs" / "paper"
+DEFAULT_ROWS = ("single", "original", "original_importance", "original_ls", "attentive", "attentive_importance",
+                "attentive_ls")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default="fmnist", choices=["mnist", "fmnist", "cifar10", "cifar100"],
+                        help="preset folder under tune_configs/paper/ (default fmnist)")
+    parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), metavar="ROW",
+                        help="preset names in that folder (default: every row without distillation)")
+    parser.add_argument("--steps", type=int, default=12, help="compared training steps per preset (0 = skip)")
+    parser.add_argument("--seeds", type=int, default=0, help="full runs of both loops for seeds 0..N-1 (default 0)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of those runs (default: the preset's)")
+    parser.add_argument("--train-limit", type=int, default=None, help="first N training images in the runs")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key of every preset")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (benchmark figures are recorded next to it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _preset(args: argparse.Namespace, row: str, extra: list[str] = ()):
+    path = PRESETS / args.dataset / f"{row}.yaml"
+    return load_experiment(path, ["train.progress=false", *args.overrides, *extra]), path
+
+
+def _steps_part(args: argparse.Namespace, row: str) -> dict:
+    from raymoe.data.batches import train_batches
+    from raymoe.data.datasets import load_dataset
+    from raymoe.fidelity.side_by_side import compare_steps
+
+    batch = 512
+    cfg, _ = _preset(args, row, [f"data.train_limit={args.steps * batch}", "data.test_limit=16"])
+    data = load_dataset(cfg.data, torch.device("cpu"))
+    batches = list(train_batches(data.train, batch, generator=torch.Generator().manual_seed(cfg.seed),
+                                 augment=data.augment))
+    gaps = compare_steps(cfg, batches, data.num_classes, data.in_channels, data.image_size, seed=cfg.seed)
+    worst = {k: max(getattr(g.raymoe, k) for g in gaps) for k in ("loss", "probs", "grad", "param")}
+    floor = {k: max(getattr(g.floor, k) for g in gaps) for k in ("loss", "probs", "grad", "param")}
+    return {"bench": "fidelity", "part": "steps", "row": row, "steps": len(gaps),
+            "raymoe_vs_float64": {k: float(f"{v:.2e}") for k, v in worst.items()},
+            "literal_float32_vs_float64": {k: float(f"{v:.2e}") for k, v in floor.items()},
+            "within_rounding": all(g.within_rounding() for g in gaps)}
+
+
+def _raymoe_run(cfg, scratch: str) -> dict[str, float]:
+    from raymoe.train.loop import train_fn
+    from raymoe.train.loop_config import make_loop_config
+
+    metrics = train_fn(make_loop_config(cfg, checkpoint_root=scratch, fresh=True))
+    return metrics
+
+
+def _runs_part(args: argparse.Namespace, row: str) -> list[dict]:
+    from raymoe.fidelity.literal_loop import LiteralLoop
+
+    lines, keys = [], ("train_loss", "train_error", "test_error", "usage_entropy_bits")
+    for seed in range(args.seeds):
+        extra = [f"seed={seed}", "tracking.enabled=false"]
+        if args.epochs:
+            extra.append(f"train.epochs={args.epochs}")
+        if args.train_limit:
+            extra.append(f"data.train_limit={args.train_limit}")
+        cfg, _ = _preset(args, row, extra)
+        with tempfile.TemporaryDirectory(prefix="raymoe-fidelity-") as scratch:
+            start = time.perf_counter()
+            mine = _raymoe_run(cfg, scratch)
+            mine_seconds = time.perf_counter() - start
+            loop = LiteralLoop(cfg, Path(scratch))
+            start = time.perf_counter()
+            for _ in range(cfg.train.epochs):
+                lit = {**loop.train_epoch(), **loop.evaluate()}
+            lit_seconds = time.perf_counter() - start
+        samples = len(loop.train_loader.dataset) * cfg.train.epochs
+        line = {"bench": "fidelity", "part": "run", "row": row, "seed": seed, "epochs": cfg.train.epochs,
+                "raymoe": {k: round(mine.get(k, math.nan), 4) for k in keys},
+                "literal": {k: round(lit.get(k, math.nan), 4) for k in keys},
+                "literal_train_error_before_step": round(lit["train_error_before_step"], 4),
+                "raymoe_samples_per_s": round(samples / mine_seconds, 1),
+                "literal_samples_per_s": round(samples / lit_seconds, 1)}
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    summary = {"bench": "fidelity", "part": "runs_summary", "row": row, "seeds": len(lines), "cpu": cpu_model(),
+               "threads": torch.get_num_threads()}
+    for side in ("raymoe", "literal"):
+        for k in keys:
+            values = [line[side][k] for line in lines if not math.isnan(line[side][k])]
+            if values:
+                sd = statistics.stdev(values) if len(values) > 1 else 0.0
+                summary[f"{side}_{k}"] = f"{statistics.mean(values):.4f} +- {sd:.4f}"
+    summary["speedup_incl_eval_and_startup"] = round(
+        statistics.mean(x["raymoe_samples_per_s"] for x in lines) / statistics.mean(
+            x["literal_samples_per_s"] for x in lines), 2)
+    return [summary]
+
+
+def run(args: argparse.Namespace) -> int:
+    from raymoe.train.device import make_deterministic, prepare_cpu_process, set_cpu_threads
+
+    prepare_cpu_process()
+    set_cpu_threads()
+    make_deterministic(torch.device("cpu"))
+    for row in args.rows:
+        if args.steps > 0:
+            print(json.dumps(_steps_part(args, row)), flush=True)
+        if args.seeds > 0:
+            for line in _runs_part(args, row):
+                print(json.dumps(line), flush=True)
+    return 0
