@@ -163,6 +163,8 @@ def test_paper_table_from_hand_made_runs(tmp_path):
     assert report.best[0].run_name == "h-3"  # lowest test error among finished runs
     assert [r.index for r in report.rows] == list(range(6))
     assert (tmp_path / "out" / "paper_table.md").read_text().count("\n| ") == 3  # header + 2 categories
+    assert report.rows[0].curves["usage_entropy_bits"] == [(1, 4.0), (2, 2.0)]  # H_u per epoch for the figure
+    assert (tmp_path / "out" / "usage_entropy_bits_over_epochs.png").stat().st_size > 10_000
 
 
 def test_resources_no_node_can_hold_fail_fast(tmp_path, ray_address):

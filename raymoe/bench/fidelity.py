@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=0, help="full runs of both loops for seeds 0..N-1 (default 0)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of those runs (default: the preset's)")
     parser.add_argument("--train-limit", type=int, default=None, help="first N training images in the runs")
+    parser.add_argument("--init", choices=["literal", "raymoe"], default="literal",
+                        help="the literal loop's initial weights: its own draw for the seed (default), or exactly "
+                             "the weights raymoe draws for that seed (then both loops start from the same point)")
+    parser.add_argument("--literal-only", action="store_true", help="run only the literal loop in the runs part")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key of every preset")
 
@@ -100,15 +104,16 @@ def _runs_part(args: argparse.Namespace, row: str) -> list[dict]:
         cfg, _ = _preset(args, row, extra)
         with tempfile.TemporaryDirectory(prefix="raymoe-fidelity-") as scratch:
             start = time.perf_counter()
-            mine = _raymoe_run(cfg, scratch)
+            mine = {} if args.literal_only else _raymoe_run(cfg, scratch)
             mine_seconds = time.perf_counter() - start
-            loop = LiteralLoop(cfg, Path(scratch))
+            loop = LiteralLoop(cfg, Path(scratch), init=args.init)
             start = time.perf_counter()
             for _ in range(cfg.train.epochs):
                 lit = {**loop.train_epoch(), **loop.evaluate()}
             lit_seconds = time.perf_counter() - start
         samples = len(loop.train_loader.dataset) * cfg.train.epochs
         line = {"bench": "fidelity", "part": "run", "row": row, "seed": seed, "epochs": cfg.train.epochs,
+                "literal_init": args.init,
                 "raymoe": {k: round(mine.get(k, math.nan), 4) for k in keys},
                 "literal": {k: round(lit.get(k, math.nan), 4) for k in keys},
                 "literal_train_error_before_step": round(lit["train_error_before_step"], 4),
@@ -124,6 +129,8 @@ def _runs_part(args: argparse.Namespace, row: str) -> list[dict]:
             if values:
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 summary[f"{side}_{k}"] = f"{statistics.mean(values):.4f} +- {sd:.4f}"
+    if args.literal_only:
+        return [summary]
     summary["speedup_incl_eval_and_startup"] = round(
         statistics.mean(x["raymoe_samples_per_s"] for x in lines) / statistics.mean(
             x["literal_samples_per_s"] for x in lines), 2)

@@ -99,6 +99,9 @@ class TrainConfig:
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bn_eval: bool = True  # False = reference quirk: BatchNorm keeps batch statistics at test time
+    # train_error from each step's own forward (free), or the reference's extra no-grad pass after each optimizer
+    # step (docs/paper-notes.md §4.1: lower, since it sees the updated weights; one more forward per step)
+    count_train_error: Literal["step", "after_step"] = "step"
     distill_from: str | None = None  # checkpoint of a trained attentive MoE: freeze experts, train a new original gate
     checkpoint_dir: str = "checkpoints"
     progress: bool = True

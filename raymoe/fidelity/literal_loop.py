@@ -55,11 +55,21 @@ def torchvision_sets(cfg: ExperimentConfig, root: Path):
 class LiteralLoop:
     """The literal model of a paper preset, its Adam and its DataLoaders (the reference loop, module docstring)."""
 
-    def __init__(self, cfg: ExperimentConfig, root: Path):
+    def __init__(self, cfg: ExperimentConfig, root: Path, init: str = "literal"):
+        """init: "literal" draws the literal model's weights with cfg.seed; "raymoe" starts from exactly the
+        weights `raymoe train` draws for cfg.seed (raymoe.train.loop.initial_model)."""
         train_set, test_set, num_classes = torchvision_sets(cfg, root)
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.model = literal_for(cfg, num_classes)
+        if init == "raymoe":
+            from raymoe.fidelity.transfer import load_raymoe_into
+            from raymoe.train.loop import initial_model
+
+            load_raymoe_into(self.model, initial_model(cfg))
+        elif init != "literal":
+            raise ValueError(f"init must be 'literal' or 'raymoe', not {init!r}")
+        torch.manual_seed(cfg.seed)  # the DataLoader's shuffling draws from here on, whichever init
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr,
                                           weight_decay=cfg.train.weight_decay)
         self.train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True)

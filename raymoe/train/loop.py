@@ -93,6 +93,16 @@ def build_for(cfg: ExperimentConfig, data, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
+def initial_model(cfg: ExperimentConfig) -> nn.Module:
+    """The model with exactly the initial weights `train_fn` draws for cfg.seed (on the CPU, one process)."""
+    from raymoe.data.stats import dataset_info
+    from raymoe.models.build import build_model
+
+    info = dataset_info(cfg.data.name)
+    seed_everything(cfg.seed)
+    return build_model(cfg, info.num_classes, info.in_channels, info.image_size)
+
+
 def _checkpoint_folder(path: str) -> str:
     """A checkpoint folder, or a run's folder of `epoch_XXXX` checkpoints (its latest complete one)."""
     from raymoe.train.checkpoint import is_complete
@@ -182,11 +192,11 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
     if device.type == "cpu":
         set_cpu_threads()
     make_deterministic(device)
-    seed_everything(cfg.seed)  # same initial weights on every rank: replicated parameters start equal
     ctx = DistContext.from_env(cfg.scaling.expert_parallel, device)
     say = print if ctx.is_main else (lambda *a, **k: None)
 
     data = load_dataset(cfg.data, device)
+    seed_everything(cfg.seed)  # same initial weights on every rank (and as initial_model): replicas start equal
     model = build_for(cfg, data, device)
     if ctx.world_size > 1:
         from raymoe.parallel.expert_parallel import apply_expert_parallel
@@ -232,7 +242,8 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
             try:
                 result = train_epoch(model, optimizer, batches, reg_cfg=cfg.regularizer, ctx=ctx, epoch=epoch,
                                      num_samples=num_train, batch_size=cfg.train.batch_size, hooks=hooks,
-                                     on_step=on_step if bar is not None else None)
+                                     on_step=on_step if bar is not None else None,
+                                     error_after_step=cfg.train.count_train_error == "after_step")
             finally:
                 if bar is not None:
                     bar.close()

@@ -30,8 +30,8 @@ class EpochResult:
     """Training-set numbers of one epoch, identical on every rank.
 
     error: 1 - accuracy of the forward pass of each step (before its optimizer step), sample-weighted over
-    the epoch. The reference averages per-batch accuracies measured after each step with an extra no-grad
-    pass; this one costs nothing extra.
+    the epoch; costs nothing extra. The reference averages per-batch accuracies measured after each step with
+    an extra no-grad pass (error_after_step).
     """
 
     loss: float  # mean NLL per training sample (no regularizer)
@@ -94,7 +94,8 @@ def step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, reg_cfg: Re
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, reg_cfg: RegularizerConfig,
                 ctx: DistContext, epoch: int, num_samples: int, batch_size: int,
                 hooks: list[nn.Module] | None = None,
-                on_step: Callable[[int, float, float], None] | None = None) -> EpochResult:
+                on_step: Callable[[int, float, float], None] | None = None,
+                error_after_step: bool = False) -> EpochResult:
     """Run one epoch of optimizer steps.
 
     Args:
@@ -104,6 +105,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         batch_size: global batch size.
         hooks: modules whose post_step(ctx) runs after each optimizer step.
         on_step: called on every rank with (step, running mean loss, running accuracy) after each step.
+        error_after_step: count training accuracy with an extra no-grad forward after each optimizer step (the
+            reference's count, train.count_train_error) instead of from the step's own forward.
 
     Raises:
         TrainingDiverged: the loss of some step was NaN/inf (checked before that step updates the weights).
@@ -144,6 +147,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         optimizer.step()
         for module in hooks:
             module.post_step(ctx)
+        if error_after_step:  # the reference's count: the updated model on the same batch, still in train mode
+            with torch.no_grad():
+                correct = (model(x).log_probs_BC.argmax(dim=1) == y).sum().double()
+            stats[1] = ctx.all_reduce_sum(correct.to(device)).cpu() if ctx.distributed else correct.cpu()
         totals += stats[:2]
         if on_step is not None:
             seen = min(steps * batch_size, num_samples)

@@ -159,3 +159,34 @@ def category_bars(table: list[dict]) -> Figure:
     ax.set_title("per method category; error bar = std of test error over the category")
     ax.grid(axis="y", alpha=0.3)
     return fig
+
+
+def curves_by_category(curves: dict[str, list[list[tuple[int, float]]]], metric: str, label: str) -> Figure:
+    """One line per category: the mean over its runs of `metric` at each epoch, a band of +- one std, and each
+    run as a thin line (e.g. H_u over epochs for the original vs the attentive gate: when a gate collapses)."""
+    fig = _figure(7.5, 4.5)
+    ax = fig.add_subplot()
+    colors = colormaps["tab10"]
+    for i, (category, runs) in enumerate(sorted(curves.items())):
+        color = colors(i % 10)
+        by_step: dict[int, list[float]] = {}
+        for run in runs:
+            pts = sorted((s, v) for s, v in run if _finite(v))
+            if pts:
+                ax.plot(*zip(*pts), color=color, alpha=0.25, linewidth=0.8)
+            for step, value in pts:
+                by_step.setdefault(step, []).append(value)
+        if not by_step:
+            continue
+        steps = sorted(by_step)
+        mean = np.array([np.mean(by_step[s]) for s in steps])
+        std = np.array([np.std(by_step[s]) for s in steps])
+        ax.plot(steps, mean, color=color, linewidth=2, label=f"{category} (n={len(runs)})")
+        ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.15)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(label)
+    ax.set_title(f"{label} over training, mean ± std over each category's runs")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8)
+    return fig

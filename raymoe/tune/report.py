@@ -20,8 +20,10 @@ from typing import Any
 from raymoe.tune.trial import (CATEGORY_TAG, PARAMS_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SWEEP_TAG, TRIAL_ID_TAG,
                                TRIAL_INDEX_TAG)
 
-TABLE_METRICS = ("test_error", "train_error", "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits")
-SHORT = {"test_error": "test err", "train_error": "train err", "mi_pred_bits": "I(E;Y)",
+TABLE_METRICS = ("test_error", "train_error", "train_loss", "mi_pred_bits", "sample_entropy_bits",
+                 "usage_entropy_bits")
+CURVE_METRICS = ("usage_entropy_bits",)  # per-epoch curves drawn per category for grid sweeps
+SHORT = {"test_error": "test err", "train_error": "train err", "train_loss": "train loss", "mi_pred_bits": "I(E;Y)",
          "sample_entropy_bits": "H_s", "usage_entropy_bits": "H_u"}
 
 
@@ -38,6 +40,7 @@ class TrialRow:
     metrics: dict[str, float]
     epochs: int
     note: str = ""  # failure reason or "stopped early"
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # CURVE_METRICS per epoch (grid)
 
     def as_point(self) -> dict[str, Any]:
         return {"index": self.index, **self.params, **self.metrics}
@@ -82,8 +85,8 @@ def find_parent(client, name: str, experiment: str | None = None):
     return runs[0] if runs else None
 
 
-def collect_rows(client, parent) -> list[TrialRow]:
-    """One row per child run of the parent, ordered by Tune trial index."""
+def collect_rows(client, parent, curves: tuple[str, ...] = ()) -> list[TrialRow]:
+    """One row per child run of the parent, ordered by Tune trial index; with the per-epoch history of `curves`."""
     from raymoe.tracking.mlflow_run import FAILURE_TAG
     from raymoe.tune.mlflow_sweep import STOPPED_EARLY_TAG, sweep_children
 
@@ -98,7 +101,9 @@ def collect_rows(client, parent) -> list[TrialRow]:
             index=int(tags.get(TRIAL_INDEX_TAG, -1)), run_name=run.info.run_name, run_id=run.info.run_id,
             status=run.info.status, point=tags.get(POINT_TAG, ""), seed=tags.get(SEED_TAG, ""),
             category=tags.get(CATEGORY_TAG), params=json.loads(tags.get(PARAMS_TAG, "{}")),
-            metrics=dict(run.data.metrics), epochs=len({m.step for m in history}), note=note))
+            metrics=dict(run.data.metrics), epochs=len({m.step for m in history}), note=note,
+            curves={name: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, name)]
+                    for name in curves}))
     return sorted(rows, key=lambda r: (r.index, r.run_name))
 
 
@@ -229,8 +234,8 @@ def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: 
         raise ConfigError("sweep", name, f"no sweep of that name in {uri} ({where})")
     params = parent.data.params
     metrics, modes = params.get("metric", "test_error").split(","), params.get("mode", "min").split(",")
-    rows = collect_rows(client, parent)
     strategy = parent.data.tags.get("raymoe.strategy", params.get("strategy", "optuna"))
+    rows = collect_rows(client, parent, CURVE_METRICS if strategy == "grid" else ())
     report = SweepReport(name, parent.info.run_id, strategy, metrics, modes, rows, best_rows(rows, metrics, modes))
     report.seed_table = seed_table(rows) if any(t["n_seeds"] > 1 for t in seed_table(rows)) else []
     report.paper_table = paper_table(rows) if strategy == "grid" else []
@@ -259,6 +264,14 @@ def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: 
         figures["pareto_front.png"] = plots.pareto_plot(points, metrics, modes)
     if report.paper_table:
         figures["paper_table.png"] = plots.category_bars(report.paper_table)
+        for metric in CURVE_METRICS:
+            by_category: dict[str, list] = {}
+            for r in rows:
+                if r.status == "FINISHED" and r.category and r.curves.get(metric):
+                    by_category.setdefault(r.category, []).append(r.curves[metric])
+            if by_category:
+                figures[f"{metric}_over_epochs.png"] = plots.curves_by_category(by_category, metric,
+                                                                                SHORT.get(metric, metric))
     for filename, fig in figures.items():
         with warnings.catch_warnings():  # constrained layout gives up on crowded axes; the figure is still fine
             warnings.simplefilter("ignore", UserWarning)
