@@ -17,7 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from raymoe.config.errors import ConfigError
-from raymoe.config.schema import SPARSE_GATES, ExperimentConfig
+from raymoe.config.schema import LM_ARCHS, SPARSE_GATES, TOKEN_MOE_ARCHS, ExperimentConfig
 
 T = TypeVar("T")
 _MISSING = object()
@@ -219,8 +219,18 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(g.capacity_factor is None or g.capacity_factor > 0, "gate.capacity_factor", g.capacity_factor,
              "must be > 0 (or null for dropless)")
     _require(g.bias_balance_rate >= 0, "gate.bias_balance_rate", g.bias_balance_rate, "must be >= 0")
-    token_level = m.arch == "vit_moe"
-    if not token_level:
+    lm, vit_moe = m.arch in LM_ARCHS, m.arch == "vit_moe"
+    _require(lm or d.name != "text", "data.name", d.name,
+             f"text data is for the language models; set model.arch gpt or gpt_moe (got {m.arch})")
+    if lm:
+        _check_language_model(cfg)
+    token_level = m.arch in TOKEN_MOE_ARCHS
+    if m.arch == "gpt":  # dense: of gate.* only top_k (the FFN width) is used, so gpt_moe is one --set away
+        _require(s.expert_parallel == 1, "scaling.expert_parallel", s.expert_parallel,
+                 "the dense gpt has no experts (use model.arch gpt_moe)")
+        _require(r.sample_similarity.beta_s == 0 and r.sample_similarity.beta_d == 0,
+                 "regularizer.sample_similarity", "beta_s/beta_d > 0", "the dense gpt has no gate")
+    elif not token_level:
         _require(g.kind != "expert_choice", "gate.kind", g.kind,
                  "expert_choice routes tokens; use it with model.arch: vit_moe")
         _require(g.capacity_factor is None, "gate.capacity_factor", g.capacity_factor,
@@ -231,22 +241,27 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
                  g.bias_balance_rate, "bias balancing changes top-k selection; use a top-k gate")
     else:
         vit = m.vit
-        for key in ("patch_size", "dim", "depth", "heads", "mlp_dim", "moe_every"):
-            _require(getattr(vit, key) >= 1, f"model.vit.{key}", getattr(vit, key), "must be >= 1")
-        _require(vit.dim % vit.heads == 0, "model.vit.dim", vit.dim, f"must be divisible by heads ({vit.heads})")
-        _require(vit.num_shared_experts >= 0, "model.vit.num_shared_experts", vit.num_shared_experts, "must be >= 0")
-        image = 28 if d.name in ("mnist", "fashion_mnist") else 32
-        _require(image % vit.patch_size == 0, "model.vit.patch_size", vit.patch_size,
-                 f"must divide the image size {image}")
-        _require(not (g.kind == "expert_choice" and vit.causal), "gate.kind", g.kind,
-                 "expert choice looks at all tokens of the batch, so it would leak future tokens in a causal model")
+        if vit_moe:
+            for key in ("patch_size", "dim", "depth", "heads", "mlp_dim", "moe_every"):
+                _require(getattr(vit, key) >= 1, f"model.vit.{key}", getattr(vit, key), "must be >= 1")
+            _require(vit.dim % vit.heads == 0, "model.vit.dim", vit.dim,
+                     f"must be divisible by heads ({vit.heads})")
+            _require(vit.num_shared_experts >= 0, "model.vit.num_shared_experts", vit.num_shared_experts,
+                     "must be >= 0")
+            image = 28 if d.name in ("mnist", "fashion_mnist") else 32
+            _require(image % vit.patch_size == 0, "model.vit.patch_size", vit.patch_size,
+                     f"must divide the image size {image}")
+            _require(not (g.kind == "expert_choice" and vit.causal), "gate.kind", g.kind,
+                     "expert choice looks at all tokens of the batch, so it would leak future tokens in a causal "
+                     "model")
         _require(not (g.hypermoe.enabled and g.kind == "expert_choice"), "gate.hypermoe.enabled", True,
                  "HyperMoE needs a per-token unselected set; expert_choice has none (use topk or noisy_topk)")
         # token-level (raymoe/moe/token) additions
         _require(g.kind != "softmax", "gate.kind", g.kind,
                  "token-level MoE layers need a sparse router: topk, noisy_topk, expert_choice or attentive")
-        _require(vit.moe_every <= vit.depth, "model.vit.moe_every", vit.moe_every,
-                 f"must be <= model.vit.depth ({vit.depth}) so at least one block is a MoE layer")
+        if vit_moe:
+            _require(vit.moe_every <= vit.depth, "model.vit.moe_every", vit.moe_every,
+                     f"must be <= model.vit.depth ({vit.depth}) so at least one block is a MoE layer")
         _require(not (g.kind == "expert_choice" and g.bias_balance_rate > 0), "gate.bias_balance_rate",
                  g.bias_balance_rate, "expert choice is balanced by construction; bias balancing needs top-k")
         _require(not (g.kind == "attentive" and s.expert_parallel > 1), "scaling.expert_parallel",
@@ -254,8 +269,8 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
                  "it needs all experts on each rank (expert_parallel 1)")
         _require(r.sample_similarity.beta_s == 0 and r.sample_similarity.beta_d == 0,
                  "regularizer.sample_similarity", "beta_s/beta_d > 0",
-                 "sample similarity compares whole-image gate outputs; token-level (vit_moe) gates route "
-                 "tokens, so it is not defined there")
+                 "sample similarity compares whole-image gate outputs; token-level (vit_moe, gpt_moe) gates "
+                 "route tokens, so it is not defined there")
     if g.hypermoe.enabled:
         for key in ("expert_embed_dim", "process_dim", "hypernet_input", "hypernet_bottleneck", "layer_embed_dim",
                     "adapter_dim"):
@@ -277,6 +292,25 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(t.eval_batch_size >= 1, "train.eval_batch_size", t.eval_batch_size, "must be >= 1")
     _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
+    _require(t.grad_clip is None or t.grad_clip > 0, "train.grad_clip", t.grad_clip, "must be > 0 (or null = off)")
+    _require(t.accum_steps >= 1, "train.accum_steps", t.accum_steps, "must be >= 1")
+    _require(t.batch_size % t.accum_steps == 0, "train.accum_steps", t.accum_steps,
+             f"must divide train.batch_size ({t.batch_size}) into equal micro-batches")
+    _require(t.warmup_steps >= 0, "train.warmup_steps", t.warmup_steps, "must be >= 0")
+    _require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", t.min_lr_ratio, "must be in [0, 1]")
+    _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "must be >= 1 (or null)")
+    _require(t.tokens is None or t.tokens >= 1, "train.tokens", t.tokens, "must be >= 1 (or null)")
+    _require(t.max_steps is None or t.tokens is None, "train.tokens", t.tokens,
+             f"give train.max_steps ({t.max_steps}) or train.tokens, not both")
+    _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
+    if t.precision == "bf16":
+        from raymoe.train.precision import bf16_supported
+        from raymoe.train.device import pick_device
+
+        device = pick_device(t.device) if s.num_workers == 0 or not s.use_gpu else None
+        _require(device is None or bf16_supported(device), "train.precision", t.precision,
+                 f"this machine's {device} has no bf16 arithmetic (AVX512-BF16/AMX on CPU, or a GPU that supports "
+                 f"it); use fp32")
     if t.distill_from is not None:
         _require(Path(t.distill_from).exists(), "train.distill_from", t.distill_from, "checkpoint not found")
         _require(m.arch == "moe" and g.kind == "softmax", "train.distill_from", t.distill_from,
@@ -307,6 +341,85 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
              "tracking.uri", cfg.tracking.uri,
              "use sqlite:///mlflow.db or a tracking server URL (MLflow >= 3.13 refuses ./mlruns file stores)")
     return cfg
+
+
+def _check_language_model(cfg: ExperimentConfig) -> None:
+    """model.gpt, the causal-routing rules and data.text for model.arch gpt / gpt_moe."""
+    m, g, d, gpt = cfg.model, cfg.gate, cfg.data, cfg.model.gpt
+    _require(d.name == "text", "model.arch", m.arch,
+             f"is a language model and trains on text; set data.name text (got {d.name})")
+    for key in ("dim", "depth", "heads", "mlp_dim", "moe_every", "block_size"):
+        _require(getattr(gpt, key) >= 1, f"model.gpt.{key}", getattr(gpt, key), "must be >= 1")
+    _require(gpt.dim % gpt.heads == 0, "model.gpt.dim", gpt.dim, f"must be divisible by heads ({gpt.heads})")
+    _require(gpt.positions != "rope" or (gpt.dim // gpt.heads) % 2 == 0, "model.gpt.positions", gpt.positions,
+             f"rotary positions need an even head dim; dim / heads = {gpt.dim // gpt.heads}")
+    _require(gpt.moe_every <= gpt.depth, "model.gpt.moe_every", gpt.moe_every,
+             f"must be <= model.gpt.depth ({gpt.depth}) so at least one block is a MoE layer")
+    _require(gpt.num_shared_experts >= 0, "model.gpt.num_shared_experts", gpt.num_shared_experts, "must be >= 0")
+    _require(0 <= gpt.dropout < 1, "model.gpt.dropout", gpt.dropout, "must be in [0, 1)")
+    _require(gpt.vocab_size is None or gpt.vocab_size >= 1, "model.gpt.vocab_size", gpt.vocab_size,
+             "must be >= 1 (or null for the data's vocabulary)")
+    # a token's output must never depend on later tokens (raymoe/models/gpt.py)
+    _require(g.kind != "expert_choice", "gate.kind", g.kind,
+             "expert choice looks at all tokens of the batch, so it would leak future tokens in a causal model "
+             "(model.arch gpt / gpt_moe)")
+    _require(g.capacity_factor is None, "gate.capacity_factor", g.capacity_factor,
+             "capacity dropping ranks tokens across the batch (first choices of later tokens before second choices "
+             "of earlier ones), so it would leak future tokens in a causal model; use null (dropless)")
+    data_vocab = _check_text_data(cfg)
+    if gpt.vocab_size is not None:
+        _require(gpt.vocab_size >= data_vocab, "model.gpt.vocab_size", gpt.vocab_size,
+                 f"smaller than the data's vocabulary ({data_vocab} ids); the embedding must hold every id")
+
+
+def _check_text_data(cfg: ExperimentConfig) -> int:
+    """data.text against model.gpt and the files it names; returns the most ids the data can hold (byte: 256,
+    bpe: data.text.vocab_size, bin: meta.json's vocab_size)."""
+    from raymoe.data.text import shards
+    from raymoe.data.text.sources import corpus_folder, text_files
+
+    d, t, gpt = cfg.data, cfg.data.text, cfg.model.gpt
+    _require(t.block_size >= 1, "data.text.block_size", t.block_size, "must be >= 1")
+    _require(t.block_size <= gpt.block_size, "data.text.block_size", t.block_size,
+             f"must be <= model.gpt.block_size ({gpt.block_size}), the longest context the model holds")
+    _require(t.val_tokens >= t.block_size, "data.text.val_tokens", t.val_tokens,
+             f"must be >= data.text.block_size ({t.block_size}): the validation subset holds whole windows")
+    for key in ("train_limit", "test_limit"):  # in tokens for text
+        value = getattr(d, key)
+        _require(value is None or value > t.block_size, f"data.{key}", value,
+                 f"text: first N tokens; must be > data.text.block_size ({t.block_size}) to hold one window")
+    _require(not d.augment, "data.augment", d.augment, "image augmentation; not defined for text")
+    _require(256 <= t.vocab_size < 2 ** 31, "data.text.vocab_size", t.vocab_size,
+             "must be >= 256 (the byte alphabet every BPE starts from) and < 2^31")
+    if t.source != "hf":
+        for key in ("hf_name", "hf_config"):
+            _require(getattr(t, key) is None, f"data.text.{key}", getattr(t, key),
+                     f"only used by data.text.source hf (source is {t.source})")
+    if t.source == "corpus":
+        from raymoe.data.text.corpus import FORTUNES_PACKAGE, fortune_files
+
+        folder = corpus_folder(t)
+        _require(bool(fortune_files(folder)), "data.text.path", str(folder),
+                 f"no fortune files there; install Debian's corpus (apt-get install {FORTUNES_PACKAGE}) "
+                 "or point data.text.path at a folder of fortune files")
+    elif t.source == "file":
+        _require(t.path is not None, "data.text.path", t.path, "required for data.text.source file")
+        _require(bool(text_files(Path(t.path).expanduser())), "data.text.path", t.path,
+                 "no such file, or a folder without .txt files")
+    elif t.source == "bin":
+        _require(t.path is not None, "data.text.path", t.path,
+                 "required for data.text.source bin: a folder of train.bin, val.bin, meta.json")
+        folder = Path(t.path).expanduser()
+        _require(folder.is_dir(), "data.text.path", t.path, "no such folder")
+        meta = shards.read_meta(folder)
+        shards.check_shards(folder, meta)
+        return meta.vocab_size
+    else:
+        _require(bool(t.hf_name), "data.text.hf_name", t.hf_name, "required for data.text.source hf")
+        _require(bool(t.hf_text_field), "data.text.hf_text_field", t.hf_text_field, "must not be empty")
+        _require(t.path is None or Path(t.path).expanduser().exists(), "data.text.path", t.path,
+                 "no such file or folder (hf: the builder's data_files / data_dir)")
+    return 256 if t.tokenizer == "byte" else t.vocab_size
 
 
 def load_experiment(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] = (),

@@ -58,6 +58,7 @@ class _PatchGemm(torch.autograd.Function):
     @staticmethod
     def backward(fn_ctx, dy_MO: torch.Tensor):
         (cols_KM,) = fn_ctx.saved_tensors
+        dy_MO = dy_MO.to(cols_KM.dtype)  # under bf16 autocast the output (so its gradient) is bf16
         # (cols dy)^T, inner dim M = B*P: with the row-major patches as oneDNN's source, 7x faster than dy^T cols^T
         dw_OK = mm_nt(cols_KM, dy_MO.t()).t() if fn_ctx.needs_input_grad[1] else None
         db_O = dy_MO.sum(0) if fn_ctx.has_bias and fn_ctx.needs_input_grad[2] else None

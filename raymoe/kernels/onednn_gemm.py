@@ -27,7 +27,7 @@ def uses_onednn(t: torch.Tensor) -> bool:
 
 def mm_nt(a_RM: torch.Tensor, b_CM: torch.Tensor) -> torch.Tensor:
     """a @ b^T -> (R, C), by oneDNN on CPU (no autograd: for gradients and no-grad statistics)."""
-    if uses_onednn(a_RM) and a_RM.shape[1] > 0:  # oneDNN refuses an empty inner dimension
+    if uses_onednn(a_RM) and b_CM.dtype == a_RM.dtype and a_RM.shape[1] > 0:  # oneDNN refuses an empty inner dim
         return _OP(a_RM, b_CM, None, "none", [], "")
     return a_RM @ b_CM.t()
 

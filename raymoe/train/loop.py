@@ -22,7 +22,7 @@ from raymoe.parallel.context import DistContext
 from raymoe.tracking.mlflow_run import NullRun, TrackedRun
 from raymoe.train.device import (epoch_seed, make_deterministic, pick_device, prepare_cpu_process,
                                  seed_everything, set_cpu_threads)
-from raymoe.train.step import EpochResult, TrainingDiverged, evaluate, post_step_hooks, train_epoch
+from raymoe.train.step import EpochResult, StepSettings, TrainingDiverged, evaluate, post_step_hooks, train_epoch
 
 # Fields of the config that fix the parameter shapes: a checkpoint made with other values cannot be loaded.
 ARCH_FIELDS = (("data", "name"), ("model", "arch"), ("model", "num_experts"), ("model", "hidden_size"),
@@ -93,6 +93,19 @@ def build_for(cfg: ExperimentConfig, data, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
+def step_settings(train: TrainConfig, total_steps: int) -> StepSettings:
+    """How every optimizer step runs, from train.*: precision, clipping, accumulation, the lr schedule."""
+    from functools import partial
+
+    from raymoe.train.schedule import lr_at
+
+    scheduled = train.schedule != "constant" or train.warmup_steps > 0
+    return StepSettings(precision=train.precision, grad_clip=train.grad_clip, accum_steps=train.accum_steps,
+                        lr_at=partial(lr_at, lr=train.lr, schedule=train.schedule, warmup_steps=train.warmup_steps,
+                                      total_steps=total_steps, min_lr_ratio=train.min_lr_ratio) if scheduled else None,
+                        error_after_step=train.count_train_error == "after_step")
+
+
 def initial_model(cfg: ExperimentConfig) -> nn.Module:
     """The model with exactly the initial weights `train_fn` draws for cfg.seed (on the CPU, one process)."""
     from raymoe.data.stats import dataset_info
@@ -154,6 +167,9 @@ def epoch_metrics(result: EpochResult, test: dict[str, float], eval_seconds: flo
     for key, value in test.items():
         metrics[f"test_{key}" if key in ("error", "loss") else key] = value
     metrics.update({f"reg_{name}": value for name, value in result.parts.items()})
+    if result.grad_norm is not None:
+        metrics["grad_norm"] = result.grad_norm
+    metrics["lr"] = result.lr
     metrics.update(epoch_seconds=result.seconds + eval_seconds, train_seconds=result.seconds,
                    eval_seconds=eval_seconds, samples_per_s=result.samples / max(result.seconds, 1e-9),
                    data_fraction=result.data_seconds / max(result.seconds, 1e-9))
@@ -243,7 +259,8 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
                 result = train_epoch(model, optimizer, batches, reg_cfg=cfg.regularizer, ctx=ctx, epoch=epoch,
                                      num_samples=num_train, batch_size=cfg.train.batch_size, hooks=hooks,
                                      on_step=on_step if bar is not None else None,
-                                     error_after_step=cfg.train.count_train_error == "after_step")
+                                     settings=step_settings(cfg.train, cfg.train.epochs * steps_per_epoch),
+                                     first_step=(epoch - 1) * steps_per_epoch)
             finally:
                 if bar is not None:
                     bar.close()

@@ -34,7 +34,7 @@ class EpochResult:
     an extra no-grad pass (error_after_step).
     """
 
-    loss: float  # mean NLL per training sample (no regularizer)
+    loss: float  # mean NLL per training target (image label or next token; no regularizer)
     error: float
     samples: int
     steps: int
@@ -42,6 +42,9 @@ class EpochResult:
     data_seconds: float  # time spent waiting for batches (the data pipeline's share of step time)
     # unweighted regularizer terms, mean over steps (with no regularizer weighted and several ranks: rank-local)
     parts: dict[str, float] = field(default_factory=dict)
+    targets: int = 0  # labels or tokens predicted (all ranks): tokens/s for language models
+    grad_norm: float | None = None  # mean global gradient norm before clipping (when clipping)
+    lr: float = 0.0  # learning rate of the last step
 
 
 def regularizer_active(reg: RegularizerConfig) -> bool:
@@ -65,38 +68,54 @@ def set_eval_mode(model: nn.Module, bn_eval: bool) -> None:
 
 
 def step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, reg_cfg: RegularizerConfig, ctx: DistContext,
-              global_n: int, use_reg: bool | None = None):
-    """The loss of one training step on this rank's slice of a global batch of `global_n` samples.
+              global_n: int, use_reg: bool | None = None, micro_batches: int = 1):
+    """The loss of one training step (or of one of its `micro_batches` accumulation slices) on this rank's part
+    of a global batch of `global_n` samples. Targets y are (B,) class labels or (B, T) next tokens; the NLL is
+    averaged over every target of the global batch.
 
     Returns:
-        (loss, model output, NLL sum over this rank's samples, RegTerms); loss = NLL sum / global_n
-        + regularizers / world size + the model's own aux loss / world size (module docstring).
+        (loss, model output, NLL sum over this rank's targets, RegTerms); loss = NLL sum / global targets
+        + (regularizers + the model's own aux loss) / (world size * micro_batches) (module docstring).
     """
     from raymoe.regularizers.combine import regularize
 
     use_reg = regularizer_active(reg_cfg) if use_reg is None else use_reg
     out = model(x)
-    nll_sum = F.nll_loss(out.log_probs_BC, y, reduction="sum")
-    loss = nll_sum / global_n
+    targets_per_sample = y[0].numel() if len(y) else 1
+    nll_sum = F.nll_loss(out.log_probs_BC.float(), y.reshape(-1), reduction="sum")
+    loss = nll_sum / (global_n * targets_per_sample)
     if use_reg and ctx.distributed:  # batch-level terms need the whole global batch
         from raymoe.parallel.collectives import all_gather_nograd, gather_model_output
 
         reg = regularize(reg_cfg, gather_model_output(out, ctx), all_gather_nograd(x, ctx))
     else:  # unweighted terms such as importance are still logged (cheap); total is 0 when inactive
         reg = regularize(reg_cfg, out, x)
+    shares = ctx.world_size * micro_batches
     if use_reg:
-        loss = loss + reg.total / ctx.world_size
+        loss = loss + reg.total / shares
     if out.aux_loss is not None:  # a mean over this rank's items: average it over ranks like the NLL
-        loss = loss + out.aux_loss / ctx.world_size
+        loss = loss + out.aux_loss / shares
     return loss, out, nll_sum, reg
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How each optimizer step runs (train.* in the config)."""
+
+    precision: str = "fp32"  # fp32 | bf16 (autocast, float32 master weights; raymoe/train/precision.py)
+    grad_clip: float | None = None  # clip by the global gradient norm (over every expert of every rank)
+    accum_steps: int = 1  # micro-batches per optimizer step (gradient accumulation)
+    lr_at: Callable[[int], float] | None = None  # lr of 0-based optimizer step n (raymoe/train/schedule.py)
+    error_after_step: bool = False  # the reference's count: an extra no-grad forward after each step
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable, *, reg_cfg: RegularizerConfig,
                 ctx: DistContext, epoch: int, num_samples: int, batch_size: int,
                 hooks: list[nn.Module] | None = None,
                 on_step: Callable[[int, float, float], None] | None = None,
-                error_after_step: bool = False) -> EpochResult:
-    """Run one epoch of optimizer steps.
+                error_after_step: bool = False, settings: StepSettings | None = None,
+                first_step: int = 0) -> EpochResult:
+    """Run one epoch (or one evaluation interval) of optimizer steps.
 
     Args:
         batches: (x, y) local slices of global batches, in order.
@@ -105,20 +124,28 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         batch_size: global batch size.
         hooks: modules whose post_step(ctx) runs after each optimizer step.
         on_step: called on every rank with (step, running mean loss, running accuracy) after each step.
-        error_after_step: count training accuracy with an extra no-grad forward after each optimizer step (the
-            reference's count, train.count_train_error) instead of from the step's own forward.
+        error_after_step: shorthand for settings.error_after_step.
+        settings: precision, clipping, accumulation, learning-rate schedule.
+        first_step: optimizer steps done before this call (the schedule's position).
 
     Raises:
         TrainingDiverged: the loss of some step was NaN/inf (checked before that step updates the weights).
     """
+    from raymoe.train.precision import autocast
+    from raymoe.train.schedule import set_lr
+
+    settings = settings or StepSettings(error_after_step=error_after_step)
     hooks = post_step_hooks(model) if hooks is None else hooks
     use_reg = regularizer_active(reg_cfg)
     if ctx.distributed:
         from raymoe.parallel.expert_parallel import sync_gradients
+    if settings.grad_clip is not None:
+        from raymoe.parallel.grad_norm import clip_grad_norm
     model.train()
     device = ctx.device
-    totals = torch.zeros(2, dtype=torch.float64)  # [nll sum, correct] over the epoch, all ranks
+    totals = torch.zeros(3, dtype=torch.float64)  # [nll sum, correct, targets] over the epoch, all ranks
     part_sums: dict[str, torch.Tensor] = {}
+    norm_sum, last_lr = 0.0, optimizer.param_groups[0]["lr"]
     data_seconds, steps, start = 0.0, 0, time.perf_counter()
     iterator = iter(batches)
     while True:
@@ -129,37 +156,52 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             break
         data_seconds += time.perf_counter() - fetch
         global_n = min(batch_size, num_samples - steps * batch_size)
-        loss, out, nll_sum, reg = step_loss(model, x, y, reg_cfg=reg_cfg, ctx=ctx, global_n=global_n, use_reg=use_reg)
-        for name, value in reg.parts.items():
-            part_sums[name] = part_sums.get(name, 0.0) + value.detach()
-        correct = (out.log_probs_BC.detach().argmax(dim=1) == y).sum()
-        stats = torch.stack([nll_sum.detach().double(), correct.double(), (~torch.isfinite(loss.detach())).double()])
-        stats = ctx.all_reduce_sum(stats.to(device)).cpu() if ctx.distributed else stats.cpu()
+        if settings.lr_at is not None:
+            last_lr = settings.lr_at(first_step + steps)
+            set_lr(optimizer, last_lr)
+        optimizer.zero_grad(set_to_none=True)
+        stats = torch.zeros(4, dtype=torch.float64)  # [nll sum, correct, targets, non-finite losses]
+        for xm, ym in zip(torch.tensor_split(x, settings.accum_steps), torch.tensor_split(y, settings.accum_steps)):
+            with autocast(device, settings.precision):
+                loss, out, nll_sum, reg = step_loss(model, xm, ym, reg_cfg=reg_cfg, ctx=ctx, global_n=global_n,
+                                                    use_reg=use_reg, micro_batches=settings.accum_steps)
+            for name, value in reg.parts.items():
+                part_sums[name] = part_sums.get(name, 0.0) + value.detach() / settings.accum_steps
+            correct = (out.log_probs_BC.detach().argmax(dim=1) == ym.reshape(-1)).sum()
+            stats += torch.stack([nll_sum.detach().double().cpu(), correct.double().cpu(),
+                                  torch.tensor(float(ym.numel()), dtype=torch.float64),
+                                  (~torch.isfinite(loss.detach())).double().cpu()])
+            if not ctx.distributed and not torch.isfinite(loss.detach()):
+                break  # ranks must all run backward (its collectives), so they all raise after it, below
+            loss.backward()
+        stats = ctx.all_reduce_sum(stats.to(device)).cpu() if ctx.distributed else stats
         steps += 1
-        if stats[2] > 0:
+        if stats[3] > 0:
             lr = optimizer.param_groups[0]["lr"]
             raise TrainingDiverged(f"loss became NaN at epoch {epoch} step {steps} (lr={lr:g}); "
                                    f"lower train.lr or check the regularizer weights")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if ctx.distributed:
             sync_gradients(model, ctx)
+        if settings.grad_clip is not None:
+            norm_sum += float(clip_grad_norm(model, settings.grad_clip, ctx))
         optimizer.step()
         for module in hooks:
             module.post_step(ctx)
-        if error_after_step:  # the reference's count: the updated model on the same batch, still in train mode
-            with torch.no_grad():
-                correct = (model(x).log_probs_BC.argmax(dim=1) == y).sum().double()
+        if settings.error_after_step:  # the reference's count: the updated model on the same batch, train mode
+            with torch.no_grad(), autocast(device, settings.precision):
+                correct = (model(x).log_probs_BC.argmax(dim=1) == y.reshape(-1)).sum().double()
             stats[1] = ctx.all_reduce_sum(correct.to(device)).cpu() if ctx.distributed else correct.cpu()
-        totals += stats[:2]
+        totals += stats[:3]
         if on_step is not None:
-            seen = min(steps * batch_size, num_samples)
-            on_step(steps, totals[0].item() / seen, totals[1].item() / seen)
+            on_step(steps, totals[0].item() / totals[2].item(), totals[1].item() / totals[2].item())
     seen = min(steps * batch_size, num_samples)
+    targets = max(totals[2].item(), 1.0)
     parts = {name: float(total) / max(steps, 1) for name, total in part_sums.items()}
-    return EpochResult(loss=totals[0].item() / max(seen, 1), error=1.0 - totals[1].item() / max(seen, 1),
+    return EpochResult(loss=totals[0].item() / targets, error=1.0 - totals[1].item() / targets,
                        samples=seen, steps=steps, seconds=time.perf_counter() - start, data_seconds=data_seconds,
-                       parts=parts)
+                       parts=parts, targets=int(totals[2].item()),
+                       grad_norm=norm_sum / steps if settings.grad_clip is not None and steps else None,
+                       lr=last_lr)
 
 
 @torch.no_grad()
