@@ -9,20 +9,41 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-DatasetName = Literal["mnist", "fashion_mnist", "cifar10", "cifar100"]
+DatasetName = Literal["mnist", "fashion_mnist", "cifar10", "cifar100", "text"]
 GateKind = Literal["softmax", "attentive", "noisy_topk", "topk", "expert_choice"]
 SPARSE_GATES = ("noisy_topk", "topk", "expert_choice")
 DENSE_GATES = ("softmax", "attentive")
+LM_ARCHS = ("gpt", "gpt_moe")  # causal language models on data.name text
+TOKEN_MOE_ARCHS = ("vit_moe", "gpt_moe")  # token-level MoE layers (raymoe/moe/token)
+
+
+@dataclass(kw_only=True, slots=True)
+class TextDataConfig:
+    """data.text: the token stream of a language model (data.name text); raymoe/data/text/."""
+
+    source: Literal["corpus", "file", "bin", "hf"] = "corpus"  # corpus = Debian's fortunes (offline English)
+    path: str | None = None  # corpus: fortunes folder (None = /usr/share/games/fortunes); file: .txt file or
+    # folder of .txt files; bin: folder of train.bin/val.bin[/test.bin] + meta.json; hf: data_files/data_dir
+    hf_name: str | None = None  # hf: datasets.load_dataset(path=...), a Hub id (online, or HF_HUB_OFFLINE=1 with
+    # the local HF cache) or a local builder ("parquet", "json", "text") reading data.text.path
+    hf_config: str | None = None  # hf: load_dataset(name=...)
+    hf_text_field: str = "text"  # hf: the column holding the documents
+    tokenizer: Literal["byte", "bpe"] = "byte"  # byte: 256 ids, no files; bpe: ByteLevel BPE trained on train
+    # (bin: the shards' ids are used as they are; tokenizer and vocab_size are not read)
+    vocab_size: int = 2048  # bpe target vocabulary (byte: always 256; bin: meta.json's)
+    block_size: int = 128  # context window of the samples (<= model.gpt.block_size)
+    val_tokens: int = 32768  # size of the fixed validation subset (evenly spaced windows of the val split)
 
 
 @dataclass(kw_only=True, slots=True)
 class DataConfig:
     name: DatasetName = "fashion_mnist"
     root: str | None = None  # first place to look for (and download into) the files; None = ./data
-    train_limit: int | None = None  # first N training samples only (quick runs)
-    test_limit: int | None = None  # first N test samples only
+    train_limit: int | None = None  # first N training samples only (quick runs); text: first N tokens
+    test_limit: int | None = None  # first N test samples only; text: first N tokens
     augment: bool | None = None  # flip + reflect-pad-4 crop on whole batches; None = on for cifar100 only (paper)
     download: bool = True  # last resort after data.root and the system copy
+    text: TextDataConfig = field(default_factory=TextDataConfig)  # data.name text only
 
 
 @dataclass(kw_only=True, slots=True)
@@ -39,13 +60,33 @@ class ViTConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class GPTConfig:
+    """model.gpt: the decoder-only LM of arch gpt (dense) and gpt_moe (raymoe/models/gpt.py)."""
+
+    dim: int = 128
+    depth: int = 4
+    heads: int = 4
+    mlp_dim: int = 512  # d_ff of each expert and of the dense FFN of non-MoE blocks
+    # arch gpt widens the FFN of the would-be MoE blocks to (gate.top_k + num_shared_experts) * mlp_dim, so
+    # dense and MoE have the same active expert parameters per token (one --set model.arch apart)
+    moe_every: int = 2  # MoE FFN in blocks i % moe_every == moe_every - 1 (as model.vit)
+    num_shared_experts: int = 0  # DeepSeekMoE always-on experts of width mlp_dim
+    positions: Literal["rope", "learned"] = "rope"
+    block_size: int = 256  # max context: learned position rows / RoPE table
+    dropout: float = 0.0  # embeddings, attention probabilities, residual branches (nanoGPT)
+    vocab_size: int | None = None  # embedding rows; None = the data's vocabulary (pad up for speed, e.g. 50304)
+
+
+@dataclass(kw_only=True, slots=True)
 class ModelConfig:
-    arch: Literal["moe", "single", "vit_moe"] = "moe"  # moe = the paper's expectation MoE
+    # moe = the paper's expectation MoE; gpt / gpt_moe = the causal language models on data.name text
+    arch: Literal["moe", "single", "vit_moe", "gpt", "gpt_moe"] = "moe"
     num_experts: int = 5
     hidden_size: int | None = None  # expert fc2 width = attention H; None = the dataset's paper value (32 / 64)
     output_softmax: bool = False  # extra softmax over the mixture (reference code from 2022-11-18, CIFAR-100)
     log_eps: float = 1e-7  # L_CE = -log(y_hat + eps); master uses 1e-15
     vit: ViTConfig = field(default_factory=ViTConfig)
+    gpt: GPTConfig = field(default_factory=GPTConfig)
 
 
 @dataclass(kw_only=True, slots=True)
