@@ -1,4 +1,5 @@
-"""Config -> model: the paper MoE (arch "moe"), the single-model baseline ("single") or the ViT-MoE ("vit_moe").
+"""Config -> model: the paper MoE (arch "moe"), the single-model baseline ("single"), the ViT-MoE ("vit_moe") or
+the language models ("gpt" dense, "gpt_moe"; built by `build_lm` from the text data's vocabulary).
 
 cfg.data.name picks the paper's expert and gate networks (spec §1.2); cfg.model.hidden_size overrides H.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from raymoe.config.schema import ExperimentConfig
+from raymoe.config.schema import LM_ARCHS, ExperimentConfig
 from raymoe.models.moe import ExpectationMoE
 from raymoe.models.paper_experts import PaperExperts, expert_spec
 from raymoe.models.paper_gate_nets import GateTrunk, gate_trunk_spec
@@ -31,14 +32,29 @@ def build_gate(cfg: ExperimentConfig, in_channels: int, image_size: int) -> nn.M
     raise ValueError(f"gate.kind {g.kind!r} is not a sample-level gate (use model.arch vit_moe for token routers)")
 
 
-def build_model(cfg: ExperimentConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """The model of cfg.model.arch; forward(x_BCHW) -> ModelOutput.
+def build_lm(cfg: ExperimentConfig, vocab_size: int) -> nn.Module:
+    """The language model of cfg.model.arch gpt / gpt_moe; forward(idx_BT) -> ModelOutput over B * T tokens.
 
     Args:
         cfg: the experiment config.
-        num_classes, in_channels, image_size: from the data set.
+        vocab_size: the text data's vocabulary (TextDataset.vocab_size).
+    """
+    from raymoe.models.gpt import build_gpt
+
+    return build_gpt(cfg, vocab_size)
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The model of cfg.model.arch; forward(x_BCHW) -> ModelOutput (language models: forward(idx_BT)).
+
+    Args:
+        cfg: the experiment config.
+        num_classes, in_channels, image_size: from the data set. For gpt / gpt_moe the classes are the
+            vocabulary (num_classes = TextDataset.vocab_size) and the image sizes are ignored; see build_lm.
     """
     m = cfg.model
+    if m.arch in LM_ARCHS:
+        return build_lm(cfg, num_classes)
     if m.arch == "vit_moe":
         from raymoe.models.vit import build_vit
 
