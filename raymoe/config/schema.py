@@ -143,6 +143,17 @@ class TrainConfig:
     # train_error from each step's own forward (free), or the reference's extra no-grad pass after each optimizer
     # step (docs/paper-notes.md §4.1: lower, since it sees the updated weights; one more forward per step)
     count_train_error: Literal["step", "after_step"] = "step"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast on CPU/CUDA, float32 master weights
+    grad_clip: float | None = None  # clip by the global gradient norm; None = off (LM presets: 1.0)
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step (must divide batch_size)
+    schedule: Literal["constant", "cosine"] = "constant"  # lr after warm-up; cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 0  # linear warm-up from lr / warmup_steps
+    min_lr_ratio: float = 0.1
+    # Step budget (language models): train max_steps optimizer steps (or `tokens` / tokens per step), evaluating
+    # and checkpointing every eval_every steps; image models keep `epochs`.
+    max_steps: int | None = None
+    tokens: int | None = None
+    eval_every: int = 200
     distill_from: str | None = None  # checkpoint of a trained attentive MoE: freeze experts, train a new original gate
     checkpoint_dir: str = "checkpoints"
     progress: bool = True
