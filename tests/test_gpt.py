@@ -48,7 +48,7 @@ def _raw(text_file, arch="gpt_moe", gate=None, gpt=None, experts=4) -> dict:
     return {"name": "g", "data": {"name": "text", "text": {"source": "file", "path": text_file, "block_size": T,
                                                            "val_tokens": 4 * T}},
             "model": {"arch": arch, "num_experts": experts, "gpt": {**TINY, **(gpt or {})}},
-            "gate": {"kind": "topk", "top_k": 2} if gate is None else gate}
+            "gate": {"kind": "topk", "top_k": 2} if gate is None else gate, "train": {"max_steps": 10}}
 
 
 def _cfg(text_file, **kw) -> ExperimentConfig:

@@ -275,12 +275,31 @@ def test_every_metric_a_sweep_may_name_is_one_the_training_loop_reports():
     from raymoe.parallel.context import DistContext
     from raymoe.train.loop import epoch_metrics
     from raymoe.train.step import EpochResult, evaluate
-    from raymoe.tune.sweep_schema import LOOP_METRICS
+    from raymoe.train.workload import image_metric_names, lm_metric_names
+    from raymoe.tune.sweep_schema import IMAGE_ONLY, LM_ONLY, LOOP_METRICS
 
     torch.manual_seed(0)
     x, y = torch.randn(32, 6), torch.randint(0, 10, (32,))
     test, _ = evaluate(TinyMoE(num_experts=4, d_in=6, num_classes=10), [(x, y)], ctx=DistContext(),
                        num_experts=4, num_classes=10)
     result = EpochResult(loss=1.0, error=0.5, samples=32, steps=1, seconds=1.0, data_seconds=0.0, parts={})
-    reported = epoch_metrics(result, test, eval_seconds=0.1)
-    assert set(LOOP_METRICS) <= set(reported), sorted(set(LOOP_METRICS) - set(reported))
+    reported = epoch_metrics(result, image_metric_names(test), eval_seconds=0.1)
+    expected = set(LOOP_METRICS) - set(LM_ONLY)
+    assert expected <= set(reported), sorted(expected - set(reported))
+
+    from raymoe.config.load import load_experiment
+    from raymoe.metrics.lm import LanguageModelAccumulator
+    from raymoe.models.build import build_model
+
+    cfg = load_experiment(raw={"name": "lm", "data": {"name": "text", "text": {"block_size": 8}},
+                               "model": {"arch": "gpt_moe", "num_experts": 4,
+                                         "gpt": {"dim": 8, "depth": 2, "heads": 2, "mlp_dim": 8, "block_size": 8}},
+                               "gate": {"kind": "topk", "top_k": 2}, "train": {"max_steps": 1}})
+    idx, targets = torch.randint(0, 20, (3, 8)), torch.randint(0, 20, (3, 8))
+    acc = LanguageModelAccumulator(20, 8)
+    with torch.no_grad():
+        acc.update(build_model(cfg, 20, 0, 0)(idx), idx, targets)
+    val = acc.compute(bytes_per_token=1.0)
+    reported = epoch_metrics(result, lm_metric_names(val, val), eval_seconds=0.1)
+    expected = set(LOOP_METRICS) - set(IMAGE_ONLY)
+    assert expected <= set(reported), sorted(expected - set(reported))

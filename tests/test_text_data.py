@@ -280,7 +280,7 @@ def _experiment(tmp_path, text: dict, gpt: dict | None = None, **data) -> dict:
                                    "text": {"source": "file", "path": str(tmp_path / "t.txt"), "block_size": 32,
                                             **text}},
             "model": {"arch": "gpt_moe", "num_experts": 4, "gpt": {"block_size": 64, **(gpt or {})}},
-            "gate": {"kind": "topk", "top_k": 2}}
+            "gate": {"kind": "topk", "top_k": 2}, "train": {"max_steps": 10}}
 
 
 BAD = [  # (id, data.text patch, model.gpt patch, other data keys, field path)

@@ -366,6 +366,8 @@ def _check_language_model(cfg: ExperimentConfig) -> None:
     _require(g.capacity_factor is None, "gate.capacity_factor", g.capacity_factor,
              "capacity dropping ranks tokens across the batch (first choices of later tokens before second choices "
              "of earlier ones), so it would leak future tokens in a causal model; use null (dropless)")
+    _require(cfg.train.max_steps is not None or cfg.train.tokens is not None, "train.max_steps", None,
+             "a language model trains for a step budget: set train.max_steps or train.tokens")
     data_vocab = _check_text_data(cfg)
     if gpt.vocab_size is not None:
         _require(gpt.vocab_size >= data_vocab, "model.gpt.vocab_size", gpt.vocab_size,

@@ -15,7 +15,7 @@ from raymoe.parallel.context import DistContext
 
 def clip_grad_norm(model: nn.Module, max_norm: float, ctx: DistContext) -> torch.Tensor:
     """Scale every gradient by min(1, max_norm / ||g||) with ||g|| over ALL experts of all ranks; returns ||g||."""
-    from raymoe.parallel.expert_parallel import expert_parameter_names
+    from raymoe.moe.expert_stack import expert_parameter_names
 
     expert_names = expert_parameter_names(model) if ctx.ep_size > 1 else set()
     dense, expert = [], []

@@ -113,3 +113,48 @@ def specialization_figures(matrices: dict[str, np.ndarray], split: str = "test")
             out[f"{folder}gate_entropy.png"] = entropy_histogram(
                 hist, num_experts, f"{split}: per-sample gate entropy{where}", arrays.get("entropy_edges"))
     return out
+
+
+def _token_label(tokenizer, token_id: int) -> str:
+    if tokenizer is None:
+        return str(token_id)
+    text = tokenizer.decode([int(token_id)])
+    return repr(text)[1:-1][:8] or str(token_id)
+
+
+def load_over_training(history: list[dict], layer: int, num_experts: int) -> Figure:
+    """Each expert's share of routed tokens of one MoE layer at every evaluation (dashed: balanced, 1/E)."""
+    fig = _figure(7, 3.6)
+    ax = fig.add_subplot()
+    steps = [h["step"] for h in history]
+    for e in range(num_experts):
+        ax.plot(steps, [h.get(f"layer{layer}/load_share/{e}", math.nan) for h in history], label=f"expert {e}")
+    ax.axhline(1.0 / max(num_experts, 1), color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("share of routed tokens")
+    ax.set_title(f"MoE layer {layer}: expert load over training")
+    if num_experts <= 16:
+        ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def lm_figures(matrices: dict[str, np.ndarray], history: list[dict], tokenizer=None) -> dict[str, Figure]:
+    """Per MoE layer of a language model: expert x frequent-token heatmap (validation windows, top-1 expert)
+    and expert load over training."""
+    out: dict[str, Figure] = {}
+    for prefix, arrays in _groups(matrices).items():
+        counts = arrays.get("counts_token_EV")
+        if counts is None:
+            continue
+        layer = int(prefix.strip("/").removeprefix("layer"))
+        ids = arrays.get("token_ids", np.arange(counts.shape[1]))
+        fig = expert_class_heatmap(counts, f"val: expert x most frequent tokens ({prefix.rstrip('/')})", "token")
+        ax = fig.axes[0]
+        ax.set_xticks(range(len(ids)))
+        ax.set_xticklabels([_token_label(tokenizer, i) for i in ids], rotation=90, fontsize=7)
+        for text in list(ax.texts):  # counts per cell are unreadable at this width
+            text.remove()
+        out[f"figures/{prefix}expert_token.png"] = fig
+        if history:
+            out[f"figures/{prefix}load_over_training.png"] = load_over_training(history, layer, counts.shape[0])
+    return out

@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_data_available(cfg) -> None:
     """Raise DataError (a ConfigError) now if no source can provide the data set, before anything starts."""
+    if cfg.data.name == "text":  # tokenized once here, on the driver, before any worker or run starts
+        from raymoe.data.text.prepare import prepare_text_data
+
+        prepare_text_data(cfg.data)
+        return
     from raymoe.data import sources
 
     sources.check_available(cfg.data)
@@ -38,8 +43,12 @@ def summary(metrics: dict, run_id: str | None, uri: str) -> str:
         value = metrics.get(key)
         return "n/a" if value is None or not isinstance(value, (int, float)) or math.isnan(value) else f"{value:.4f}"
 
-    lines = [f"test error {f('test_error')} | I(E;Y) {f('mi_pred_bits')} bits (true labels {f('mi_true_bits')}) | "
-             f"H_s {f('sample_entropy_bits')} bits | H_u {f('usage_entropy_bits')} bits"]
+    if "val_loss" in metrics:
+        lines = [f"val loss {f('val_loss')} | bits per byte {f('val_bits_per_byte')} | test loss {f('test_loss')} | "
+                 f"H_u {f('usage_entropy_bits')} bits | I(E; next token) {f('mi_next_token_bits')} bits"]
+    else:
+        lines = [f"test error {f('test_error')} | I(E;Y) {f('mi_pred_bits')} bits (true labels "
+                 f"{f('mi_true_bits')}) | H_s {f('sample_entropy_bits')} bits | H_u {f('usage_entropy_bits')} bits"]
     if run_id:
         lines.append(f"MLflow run {run_id} in {uri}")
         lines.append(f"open the UI: raymoe ui --uri {uri}")

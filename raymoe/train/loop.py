@@ -26,7 +26,7 @@ from raymoe.train.step import EpochResult, StepSettings, TrainingDiverged, evalu
 
 # Fields of the config that fix the parameter shapes: a checkpoint made with other values cannot be loaded.
 ARCH_FIELDS = (("data", "name"), ("model", "arch"), ("model", "num_experts"), ("model", "hidden_size"),
-               ("gate", "kind"), ("gate", "hypermoe", "enabled"), ("model", "vit"))
+               ("gate", "kind"), ("gate", "hypermoe", "enabled"), ("model", "vit"), ("model", "gpt"))
 
 
 class CheckpointMismatch(ConfigError):
@@ -60,12 +60,13 @@ def make_optimizer(train: TrainConfig, model: nn.Module) -> torch.optim.Optimize
     return torch.optim.SGD(params, lr=train.lr, weight_decay=train.weight_decay, momentum=0.9)
 
 
-def build_for(cfg: ExperimentConfig, data, device: torch.device) -> nn.Module:
-    """The model of this config, or the distilled model when train.distill_from is set (paper §1.3 rows 8/9)."""
+def build_for(cfg: ExperimentConfig, data, device: torch.device, build_args: tuple | None = None) -> nn.Module:
+    """The model of this config, or the distilled model when train.distill_from is set (paper §1.3 rows 8/9).
+    build_args: (classes or vocabulary, in channels, image size); default from an image data set `data`."""
     if cfg.train.distill_from is None:
         from raymoe.models.build import build_model
 
-        model = build_model(cfg, data.num_classes, data.in_channels, data.image_size)
+        model = build_model(cfg, *(build_args or (data.num_classes, data.in_channels, data.image_size)))
     else:
         from raymoe.models.distill import build_distilled
         from raymoe.train.checkpoint import load_full_state
@@ -153,35 +154,38 @@ def _resume(reporter, loop_config: dict, model, optimizer, ctx: DistContext) -> 
     return int(extra["epoch"]), dict(extra.get("metrics") or {})
 
 
-def _progress_bar(cfg: ExperimentConfig, ctx: DistContext, epoch: int, steps: int):
+def _progress_bar(cfg: ExperimentConfig, ctx: DistContext, label: str, steps: int):
     if not (cfg.train.progress and ctx.is_main):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps, desc=f"epoch {epoch}/{cfg.train.epochs}", unit="step", leave=False, dynamic_ncols=True)
+    return tqdm(total=steps, desc=label, unit="step", leave=False, dynamic_ncols=True)
 
 
-def epoch_metrics(result: EpochResult, test: dict[str, float], eval_seconds: float) -> dict[str, float]:
-    """The per-epoch metric names logged to MLflow (test metrics keep the accumulator's names, except error)."""
-    metrics = {"train_loss": result.loss, "train_error": result.error}
-    for key, value in test.items():
-        metrics[f"test_{key}" if key in ("error", "loss") else key] = value
+def epoch_metrics(result: EpochResult, evaluated: dict[str, float], eval_seconds: float) -> dict[str, float]:
+    """The metrics of one interval logged to MLflow: training numbers, the workload's evaluation, timing."""
+    metrics = {"train_loss": result.loss, "train_error": result.error, **evaluated}
     metrics.update({f"reg_{name}": value for name, value in result.parts.items()})
     if result.grad_norm is not None:
         metrics["grad_norm"] = result.grad_norm
     metrics["lr"] = result.lr
     metrics.update(epoch_seconds=result.seconds + eval_seconds, train_seconds=result.seconds,
                    eval_seconds=eval_seconds, samples_per_s=result.samples / max(result.seconds, 1e-9),
+                   targets_per_s=result.targets / max(result.seconds, 1e-9),
                    data_fraction=result.data_seconds / max(result.seconds, 1e-9))
     return metrics
 
 
-def _summary_line(epoch: int, epochs: int, m: dict[str, float]) -> str:
+def _summary_line(progress: str, m: dict[str, float]) -> str:
     def f(key: str) -> str:
         value = m.get(key, math.nan)
         return f"{value:.4f}"
 
-    return (f"epoch {epoch}/{epochs}: train loss {f('train_loss')} err {f('train_error')} | test err "
+    if "val_loss" in m:  # language model
+        return (f"{progress}: train loss {f('train_loss')} | val loss {f('val_loss')} ppl {m['val_perplexity']:.2f} "
+                f"bpb {f('val_bits_per_byte')} | H_u {f('usage_entropy_bits')} | {m.get('targets_per_s', 0):.0f} "
+                f"tokens/s")
+    return (f"{progress}: train loss {f('train_loss')} err {f('train_error')} | test err "
             f"{f('test_error')} I(E;Y) {f('mi_pred_bits')} H_s {f('sample_entropy_bits')} "
             f"H_u {f('usage_entropy_bits')} | {m.get('samples_per_s', 0):.0f} samples/s")
 
@@ -196,10 +200,9 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
         ConfigError: bad config, data, or a checkpoint that does not fit (before any MLflow run exists).
         TrainingDiverged: NaN/inf loss (the MLflow run is then FAILED with the message as reason).
     """
-    from raymoe.data.batches import eval_batches, train_batches
-    from raymoe.data.datasets import load_dataset
     from raymoe.train.checkpoint import save_checkpoint
     from raymoe.train.reporter import make_reporter
+    from raymoe.train.workload import make_workload
 
     prepare_cpu_process()
     cfg = load_experiment(raw=loop_config["experiment"])
@@ -211,9 +214,9 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
     ctx = DistContext.from_env(cfg.scaling.expert_parallel, device)
     say = print if ctx.is_main else (lambda *a, **k: None)
 
-    data = load_dataset(cfg.data, device)
+    work = make_workload(cfg, ctx)
     seed_everything(cfg.seed)  # same initial weights on every rank (and as initial_model): replicas start equal
-    model = build_for(cfg, data, device)
+    model = build_for(cfg, work.data, device, work.build_args())
     if ctx.world_size > 1:
         from raymoe.parallel.expert_parallel import apply_expert_parallel
 
@@ -222,7 +225,7 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
     reporter = make_reporter(ctx, loop_config)
     done, last_metrics = _resume(reporter, loop_config, model, optimizer, ctx)
     if done:
-        say(f"resuming {run_name} from epoch {done}", flush=True)
+        say(f"resuming {run_name} from {work.progress(done).split('/')[0]}", flush=True)
 
     tracked = NullRun()
     if ctx.is_main and cfg.tracking.enabled:
@@ -230,25 +233,22 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
 
         tracked = TrackedRun.open(loop_config, describe_environment(device, ctx.world_size))
     try:
-        if done > tracked.last_step and last_metrics:  # a restart between checkpoint and MLflow logging
-            tracked.log_metrics(last_metrics, done)
-        if done >= cfg.train.epochs:
-            say(f"{run_name} already finished {done} epochs (train.epochs = {cfg.train.epochs}); "
-                f"its final metrics are reported again", flush=True)
+        if done and work.mlflow_step(done) > tracked.last_step and last_metrics:  # restart between checkpoint and log
+            tracked.log_metrics(last_metrics, work.mlflow_step(done))
+        if done >= work.intervals:
+            say(f"{run_name} already finished ({work.progress(done)}); its final metrics are reported again",
+                flush=True)
             reporter.report(last_metrics, None, done)
             tracked.finish()
             return last_metrics
         hooks = post_step_hooks(model)
-        num_train = len(data.train.y)
-        steps_per_epoch = math.ceil(num_train / cfg.train.batch_size)
+        settings = step_settings(cfg.train, work.total_steps)
         matrices: dict = {}
-        for epoch in range(done + 1, cfg.train.epochs + 1):
-            # Data order, augmentation and gate noise depend only on (seed, epoch): resuming is bit-identical.
-            generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-            torch.manual_seed(epoch_seed(cfg.seed, epoch, ctx.rank))
-            batches = train_batches(data.train, cfg.train.batch_size, generator=generator, augment=data.augment,
-                                    rank=ctx.rank, world_size=ctx.world_size)
-            bar = _progress_bar(cfg, ctx, epoch, steps_per_epoch)
+        history: list[dict[str, float]] = []
+        for interval in range(done + 1, work.intervals + 1):
+            torch.manual_seed(epoch_seed(cfg.seed, interval, ctx.rank))  # gate noise: a resumed run draws the same
+            num_samples, batch_size = work.interval_size(interval)
+            bar = _progress_bar(cfg, ctx, work.progress(interval), math.ceil(num_samples / batch_size))
 
             def on_step(step: int, loss: float, accuracy: float, bar=bar) -> None:
                 if bar is not None:
@@ -256,30 +256,27 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
                     bar.set_postfix(loss=f"{loss:.4f}", acc=f"{accuracy:.3f}", refresh=False)
 
             try:
-                result = train_epoch(model, optimizer, batches, reg_cfg=cfg.regularizer, ctx=ctx, epoch=epoch,
-                                     num_samples=num_train, batch_size=cfg.train.batch_size, hooks=hooks,
-                                     on_step=on_step if bar is not None else None,
-                                     settings=step_settings(cfg.train, cfg.train.epochs * steps_per_epoch),
-                                     first_step=(epoch - 1) * steps_per_epoch)
+                result = train_epoch(model, optimizer, work.batches(interval), reg_cfg=cfg.regularizer, ctx=ctx,
+                                     epoch=interval, num_samples=num_samples, batch_size=batch_size, hooks=hooks,
+                                     on_step=on_step if bar is not None else None, settings=settings,
+                                     first_step=work.first_step(interval))
             finally:
                 if bar is not None:
                     bar.close()
             start = time.perf_counter()
-            test, matrices = evaluate(model, eval_batches(data.test, cfg.train.eval_batch_size, rank=ctx.rank,
-                                                          world_size=ctx.world_size),
-                                      ctx=ctx, num_experts=cfg.model.num_experts, num_classes=data.num_classes,
-                                      bn_eval=cfg.train.bn_eval)
-            metrics = epoch_metrics(result, test, time.perf_counter() - start)
-            say(_summary_line(epoch, cfg.train.epochs, metrics), flush=True)
+            evaluated, matrices = work.evaluate(model, final=interval == work.intervals)
+            metrics = epoch_metrics(result, evaluated, time.perf_counter() - start)
+            say(_summary_line(work.progress(interval), metrics), flush=True)
             extra = {"metrics": metrics, "run_name": run_name, "launch_id": loop_config.get("launch_id"),
                      "config": loop_config["experiment"]}
-            folder = reporter.staging_dir(epoch)
-            save_checkpoint(folder, model=model, optimizer=optimizer, epoch=epoch, ctx=ctx, extra=extra)
-            reporter.report(metrics, folder, epoch)
-            tracked.log_metrics(metrics, epoch)
+            folder = reporter.staging_dir(interval)
+            save_checkpoint(folder, model=model, optimizer=optimizer, epoch=interval, ctx=ctx, extra=extra)
+            reporter.report(metrics, folder, interval)
+            tracked.log_metrics(metrics, work.mlflow_step(interval))
+            history.append({"step": work.mlflow_step(interval), **metrics})
             last_metrics = metrics
         if isinstance(tracked, TrackedRun):
-            _log_final_artifacts(tracked, matrices)
+            _log_final_artifacts(tracked, matrices, history, work)
         tracked.finish()
         return last_metrics
     except TrainingDiverged as exc:
@@ -296,14 +293,17 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
         raise
 
 
-def _log_final_artifacts(tracked: TrackedRun, matrices: dict) -> None:
-    """Figures of the final test-set evaluation plus the raw matrices as JSON (for reports)."""
+def _log_final_artifacts(tracked: TrackedRun, matrices: dict, history: list[dict], work) -> None:
+    """Figures of the final evaluation plus the raw matrices as JSON (for reports)."""
     import numpy as np
 
-    from raymoe.tracking.figures import specialization_figures
+    from raymoe.tracking.figures import lm_figures, specialization_figures
 
     if not matrices:
         return
+    if work.kind == "text":
+        tracked.log_figures(lm_figures(matrices, history, work.data.tokenizer))
+        tracked.log_dict({k: np.asarray(v).tolist() for k, v in matrices.items()}, "metrics/val_matrices.json")
+        return
     tracked.log_figures(specialization_figures(matrices, "test"))
     tracked.log_dict({k: np.asarray(v).tolist() for k, v in matrices.items()}, "metrics/test_matrices.json")
-

@@ -18,7 +18,13 @@ LOOP_METRICS = (
     "test_error", "train_error", "test_loss", "train_loss", "top5_error",
     "mi_pred_bits", "mi_true_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv",
     "epoch_seconds", "train_seconds", "samples_per_s",
+    # language models (model.arch gpt / gpt_moe)
+    "val_loss", "val_perplexity", "val_bits_per_byte", "val_error", "test_perplexity", "test_bits_per_byte",
+    "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits", "dead_expert_frac", "targets_per_s",
 )
+IMAGE_ONLY = ("test_error", "top5_error", "mi_pred_bits", "mi_true_bits", "importance_cv")
+LM_ONLY = ("val_loss", "val_perplexity", "val_bits_per_byte", "val_error", "test_perplexity", "test_bits_per_byte",
+           "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits", "dead_expert_frac")
 
 
 @dataclass(kw_only=True, slots=True)

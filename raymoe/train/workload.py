@@ -1,0 +1,178 @@
+"""What `train_fn` trains on: image classification by epochs, or language modelling by a step budget.
+
+Both give the loop the same shape: `intervals` of optimizer steps (an epoch of images, or train.eval_every steps
+of text), each followed by an evaluation, a checkpoint and one MLflow step. The loop itself (raymoe/train/loop.py)
+does not know which one it runs.
+Shape legend: B samples (images or windows), T = block size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from raymoe.config.errors import ConfigError
+from raymoe.config.schema import LM_ARCHS, ExperimentConfig
+from raymoe.parallel.context import DistContext
+from raymoe.train.device import epoch_seed
+
+
+class ImageWorkload:
+    """The paper's data sets and the ViT: one interval = one epoch over the training set (MLflow step = epoch)."""
+
+    kind = "image"
+
+    def __init__(self, cfg: ExperimentConfig, ctx: DistContext):
+        from raymoe.data.datasets import load_dataset
+
+        self.cfg, self.ctx = cfg, ctx
+        self.data = load_dataset(cfg.data, ctx.device)
+        self.num_train = len(self.data.train.y)
+        self.steps_per_interval = math.ceil(self.num_train / cfg.train.batch_size)
+        self.intervals = cfg.train.epochs
+        self.total_steps = self.intervals * self.steps_per_interval
+
+    def build_args(self) -> tuple:
+        return self.data.num_classes, self.data.in_channels, self.data.image_size
+
+    def first_step(self, interval: int) -> int:
+        return (interval - 1) * self.steps_per_interval
+
+    def interval_size(self, interval: int) -> tuple[int, int]:
+        """(samples in the interval over all ranks, global batch size)."""
+        return self.num_train, self.cfg.train.batch_size
+
+    def mlflow_step(self, interval: int) -> int:
+        return interval
+
+    def batches(self, interval: int) -> Iterator:
+        from raymoe.data.batches import train_batches
+
+        # data order and augmentation depend only on (seed, epoch): a resumed run is bit-identical
+        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.seed, interval))
+        return train_batches(self.data.train, self.cfg.train.batch_size, generator=generator,
+                             augment=self.data.augment, rank=self.ctx.rank, world_size=self.ctx.world_size)
+
+    def evaluate(self, model: nn.Module, final: bool) -> tuple[dict[str, float], dict]:
+        """Test-set metrics (the paper's protocol) and the matrices for the figures."""
+        from raymoe.data.batches import eval_batches
+        from raymoe.train.step import evaluate
+
+        cfg = self.cfg
+        test, matrices = evaluate(model, eval_batches(self.data.test, cfg.train.eval_batch_size, rank=self.ctx.rank,
+                                                      world_size=self.ctx.world_size),
+                                  ctx=self.ctx, num_experts=cfg.model.num_experts, num_classes=self.data.num_classes,
+                                  bn_eval=cfg.train.bn_eval)
+        return image_metric_names(test), matrices
+
+    def progress(self, interval: int) -> str:
+        return f"epoch {interval}/{self.intervals}"
+
+
+class TextWorkload:
+    """Language modelling: random windows sampled on the device; one interval = train.eval_every optimizer steps,
+    then the fixed validation windows are scored (MLflow step = optimizer steps done)."""
+
+    kind = "text"
+
+    def __init__(self, cfg: ExperimentConfig, ctx: DistContext):
+        from raymoe.data.text.dataset import load_text_dataset
+
+        self.cfg, self.ctx = cfg, ctx
+        t = cfg.train
+        self.data = load_text_dataset(cfg.data, ctx.device)
+        self.tokens_per_step = t.batch_size * self.data.block_size
+        if t.max_steps is not None:
+            self.total_steps = t.max_steps
+        elif t.tokens is not None:
+            self.total_steps = max(1, math.ceil(t.tokens / self.tokens_per_step))
+        else:
+            raise ConfigError("train.max_steps", None, "a language model trains for a step budget: set "
+                              "train.max_steps or train.tokens")
+        self.steps_per_interval = min(t.eval_every, self.total_steps)
+        self.intervals = math.ceil(self.total_steps / self.steps_per_interval)
+        self.num_train = self.data.train.numel()
+
+    def build_args(self) -> tuple:
+        return self.data.vocab_size, 0, 0  # build_model(cfg, vocabulary, -, -)
+
+    def first_step(self, interval: int) -> int:
+        return (interval - 1) * self.steps_per_interval
+
+    def _steps_in(self, interval: int) -> int:
+        return min(self.steps_per_interval, self.total_steps - self.first_step(interval))
+
+    def interval_size(self, interval: int) -> tuple[int, int]:
+        b = self.cfg.train.batch_size
+        return self._steps_in(interval) * b, b
+
+    def mlflow_step(self, interval: int) -> int:
+        return self.first_step(interval) + self._steps_in(interval)
+
+    def batches(self, interval: int) -> Iterator:
+        from raymoe.data.text.windows import sample_windows
+
+        device = self.data.train.device
+        generator = torch.Generator(device=device).manual_seed(epoch_seed(self.cfg.seed, interval))
+        for _ in range(self._steps_in(interval)):
+            yield sample_windows(self.data.train, self.data.block_size, self.cfg.train.batch_size, generator,
+                                 rank=self.ctx.rank, world_size=self.ctx.world_size)
+
+    @torch.no_grad()
+    def _score(self, model: nn.Module, x_WT: torch.Tensor, y_WT: torch.Tensor, split: str):
+        from raymoe.data.text.dataset import bits_per_byte
+        from raymoe.metrics.lm import LanguageModelAccumulator
+        from raymoe.train.precision import autocast
+
+        ctx, cfg = self.ctx, self.cfg
+        model.eval()
+        acc = LanguageModelAccumulator(self.data.vocab_size, self.data.block_size)
+        part = torch.tensor_split(torch.arange(len(x_WT)), ctx.world_size)[ctx.rank]
+        for chunk in torch.split(part, cfg.train.eval_batch_size):
+            if len(chunk):
+                idx = chunk.to(x_WT.device)
+                with autocast(ctx.device, cfg.train.precision):
+                    acc.update(model(x_WT[idx]), x_WT[idx], y_WT[idx])
+        acc.reduce(ctx)
+        metrics = acc.compute(bytes_per_token=1.0)
+        nll_sum = metrics["loss"] * y_WT.numel()
+        metrics["bits_per_byte"] = bits_per_byte(nll_sum, self.data.target_bytes(y_WT, split))
+        return metrics, acc.matrices()
+
+    def evaluate(self, model: nn.Module, final: bool) -> tuple[dict[str, float], dict]:
+        """Validation-window metrics every interval ("val_*", routing per layer); the test split at the end."""
+        from raymoe.data.text.windows import eval_windows
+
+        val, matrices = self._score(model, self.data.val_x, self.data.val_y, "val")
+        test = None
+        if final and self.data.test is not None:
+            x, y = eval_windows(self.data.test, self.data.block_size, self.cfg.data.text.val_tokens)
+            test, _ = self._score(model, x, y, "test")
+        return lm_metric_names(val, test), matrices
+
+    def progress(self, interval: int) -> str:
+        return f"step {self.mlflow_step(interval)}/{self.total_steps}"
+
+
+def image_metric_names(test: dict[str, float]) -> dict[str, float]:
+    """Test-set evaluation keys as logged: error and loss become test_error and test_loss."""
+    return {(f"test_{k}" if k in ("error", "loss") else k): v for k, v in test.items()}
+
+
+LM_SPLIT_KEYS = ("loss", "perplexity", "bits_per_byte", "error")
+
+
+def lm_metric_names(val: dict[str, float], test: dict[str, float] | None = None) -> dict[str, float]:
+    """Validation keys as logged: val_loss, val_perplexity, val_bits_per_byte, val_error, routing keys as they are;
+    and at the end test_loss, test_perplexity, test_bits_per_byte."""
+    out = {(f"val_{k}" if k in LM_SPLIT_KEYS else k): v for k, v in val.items()}
+    if test is not None:
+        out.update({f"test_{k}": test[k] for k in LM_SPLIT_KEYS[:3]})
+    return out
+
+
+def make_workload(cfg: ExperimentConfig, ctx: DistContext):
+    return TextWorkload(cfg, ctx) if cfg.model.arch in LM_ARCHS else ImageWorkload(cfg, ctx)
