@@ -11,6 +11,7 @@ BENCHMARKS = {
     "moe-layer": "raymoe.bench.moe_layer",
     "tune": "raymoe.bench.tune",
     "fidelity": "raymoe.bench.fidelity",
+    "lm": "raymoe.bench.lm",
 }
 
 

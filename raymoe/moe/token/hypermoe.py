@@ -157,4 +157,4 @@ class HyperMoE(nn.Module):
                            w.w_up_UBD.to(dt), w.b_up_UD.to(dt), counts, "relu")
         if out_ND is None:
             return y_RD.new_zeros(y_RD.shape).index_copy(0, order_R, y_RD)
-        return out_ND.index_add_(0, order_R, y_RD)
+        return out_ND.index_add_(0, order_R, y_RD.to(out_ND.dtype))  # bf16 autocast: experts may answer in bf16
