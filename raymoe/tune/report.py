@@ -20,10 +20,15 @@ from typing import Any
 from raymoe.tune.trial import (CATEGORY_TAG, PARAMS_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SWEEP_TAG, TRIAL_ID_TAG,
                                TRIAL_INDEX_TAG)
 
-TABLE_METRICS = ("test_error", "train_error", "train_loss", "mi_pred_bits", "sample_entropy_bits",
-                 "usage_entropy_bits")
+IMAGE_TABLE_METRICS = ("test_error", "train_error", "train_loss", "mi_pred_bits", "sample_entropy_bits",
+                       "usage_entropy_bits")
+LM_TABLE_METRICS = ("val_loss", "val_bits_per_byte", "test_loss", "test_bits_per_byte", "train_loss",
+                    "mi_next_token_bits", "usage_entropy_bits")
+TABLE_METRICS = IMAGE_TABLE_METRICS  # the table's columns; language-model sweeps switch to LM_TABLE_METRICS
 CURVE_METRICS = ("usage_entropy_bits",)  # per-epoch curves drawn per category for grid sweeps
 SHORT = {"test_error": "test err", "train_error": "train err", "train_loss": "train loss", "mi_pred_bits": "I(E;Y)",
+         "val_loss": "val loss", "val_bits_per_byte": "val bpb", "test_loss": "test loss",
+         "test_bits_per_byte": "test bpb", "mi_next_token_bits": "I(E;next)",
          "sample_entropy_bits": "H_s", "usage_entropy_bits": "H_u"}
 
 
@@ -57,6 +62,7 @@ class SweepReport:
     best: list[TrialRow]  # one row (single objective) or the Pareto front
     seed_table: list[dict[str, Any]] = field(default_factory=list)
     paper_table: list[dict[str, Any]] = field(default_factory=list)
+    table_metrics: tuple[str, ...] = TABLE_METRICS
     files: list[str] = field(default_factory=list)
 
     @property
@@ -127,7 +133,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
 
 
-def seed_table(rows: list[TrialRow]) -> list[dict[str, Any]]:
+def table_metrics_for(rows: list[TrialRow]) -> tuple[str, ...]:
+    """The report's columns: the paper's for image runs, validation loss and bits per byte for language models."""
+    return LM_TABLE_METRICS if any("val_loss" in r.metrics for r in rows) else IMAGE_TABLE_METRICS
+
+
+def seed_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) -> list[dict[str, Any]]:
     """Mean and std over seeds of each point (grid: the grid point; optuna: the sampled point), finished runs."""
     groups: dict[str, list[TrialRow]] = {}
     for row in rows:
@@ -138,29 +149,31 @@ def seed_table(rows: list[TrialRow]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"point": point, "category": members[0].category or "", "n_seeds": len(members)}
         if not members[0].category:
             entry["params"] = json.dumps(members[0].params, sort_keys=True)
-        for metric in TABLE_METRICS:
+        for metric in metrics:
             mean, std = _mean_std([r.metrics[metric] for r in members if _finite(r.metrics.get(metric))])
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
         table.append(entry)
     return table
 
 
-def paper_table(rows: list[TrialRow]) -> list[dict[str, Any]]:
-    """Spec §4.5: per category, the finished run with the lowest training error, plus the category's test-error std."""
+def paper_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) -> list[dict[str, Any]]:
+    """Spec §4.5: per category, the finished run with the lowest training error, plus the category's test-error std
+    (language models: the lowest validation loss, and the std of validation loss)."""
+    select, spread = ("val_loss", "val_loss") if "val_loss" in metrics else ("train_error", "test_error")
     categories: dict[str, list[TrialRow]] = {}
     for row in rows:
         if row.category and row.status == "FINISHED":
             categories.setdefault(row.category, []).append(row)
     table = []
     for category, members in categories.items():
-        ranked = [r for r in members if _finite(r.metrics.get("train_error"))]
+        ranked = [r for r in members if _finite(r.metrics.get(select))]
         if not ranked:
             continue
-        pick = min(ranked, key=lambda r: r.metrics["train_error"])
-        test_errors = [r.metrics["test_error"] for r in members if _finite(r.metrics.get("test_error"))]
+        pick = min(ranked, key=lambda r: r.metrics[select])
+        spreads = [r.metrics[spread] for r in members if _finite(r.metrics.get(spread))]
         table.append({"category": category, "selected": pick.point, "seed": pick.seed, "run": pick.run_name,
-                      **{m: pick.metrics.get(m, math.nan) for m in TABLE_METRICS},
-                      "test_error_std": statistics.stdev(test_errors) if len(test_errors) > 1 else math.nan,
+                      **{m: pick.metrics.get(m, math.nan) for m in metrics},
+                      f"{spread}_std": statistics.stdev(spreads) if len(spreads) > 1 else math.nan,
                       "n_runs": len(members)})
     return table
 
@@ -203,7 +216,7 @@ def _write_csv(path: Path, table: list[dict[str, Any]]) -> None:
 
 
 def trials_table(report: SweepReport) -> list[dict[str, Any]]:
-    metrics = list(dict.fromkeys([*report.metrics, *TABLE_METRICS]))
+    metrics = list(dict.fromkeys([*report.metrics, *report.table_metrics]))
     table = []
     for row in report.rows:
         entry: dict[str, Any] = {"trial": row.index, "status": row.status, "point": row.point, "seed": row.seed}
@@ -237,15 +250,18 @@ def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: 
     strategy = parent.data.tags.get("raymoe.strategy", params.get("strategy", "optuna"))
     rows = collect_rows(client, parent, CURVE_METRICS if strategy == "grid" else ())
     report = SweepReport(name, parent.info.run_id, strategy, metrics, modes, rows, best_rows(rows, metrics, modes))
-    report.seed_table = seed_table(rows) if any(t["n_seeds"] > 1 for t in seed_table(rows)) else []
-    report.paper_table = paper_table(rows) if strategy == "grid" else []
+    report.table_metrics = columns = table_metrics_for(rows)
+    seeds = seed_table(rows, columns)
+    report.seed_table = seeds if any(t["n_seeds"] > 1 for t in seeds) else []
+    report.paper_table = paper_table(rows, columns) if strategy == "grid" else []
 
     out = Path(out_dir or Path("reports") / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     trials = trials_table(report)
     files = {"trials.csv": trials, "trials.md": trials}
     if report.seed_table:
-        files.update({"seeds.csv": report.seed_table, "seeds.md": _mean_std_strings(report.seed_table)})
+        files.update({"seeds.csv": report.seed_table,
+                      "seeds.md": _mean_std_strings(report.seed_table, report.table_metrics)})
     if report.paper_table:
         files.update({"paper_table.csv": report.paper_table, "paper_table.md": report.paper_table})
     for filename, table in files.items():
@@ -262,7 +278,7 @@ def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: 
                "parallel_coordinates.png": plots.parallel_coordinates(points, report.param_names, metrics[0])}
     if len(metrics) > 1:
         figures["pareto_front.png"] = plots.pareto_plot(points, metrics, modes)
-    if report.paper_table:
+    if report.paper_table and "test_error" in report.table_metrics:
         figures["paper_table.png"] = plots.category_bars(report.paper_table)
         for metric in CURVE_METRICS:
             by_category: dict[str, list] = {}
@@ -295,7 +311,7 @@ def _log_to_parent(client, report: SweepReport, out: Path) -> None:
         tags.update({"raymoe.best_run_id": best.run_id, "raymoe.best_run_name": best.run_name,
                      "raymoe.best_params": json.dumps(best.params, sort_keys=True, default=str)[:5000]})
         tags.update({f"best.param.{k}": str(v)[:5000] for k, v in best.params.items()})
-        for metric in TABLE_METRICS:
+        for metric in report.table_metrics:
             if _finite(best.metrics.get(metric)):
                 _retry(client.log_metric, run_id, f"best_{metric}", best.metrics[metric])
         if len(report.metrics) > 1:
@@ -304,12 +320,13 @@ def _log_to_parent(client, report: SweepReport, out: Path) -> None:
         _retry(client.set_tag, run_id, key, value)
 
 
-def _mean_std_strings(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _mean_std_strings(table: list[dict[str, Any]],
+                      metrics: tuple[str, ...] = TABLE_METRICS) -> list[dict[str, Any]]:
     """`x_mean`, `x_std` columns -> one `x` column reading `mean ± std`."""
     out = []
     for row in table:
         entry = {k: v for k, v in row.items() if not k.endswith(("_mean", "_std"))}
-        for metric in TABLE_METRICS:
+        for metric in metrics:
             mean, std = row.get(f"{metric}_mean", math.nan), row.get(f"{metric}_std", math.nan)
             entry[SHORT[metric]] = f"{_fmt(mean)} ± {_fmt(std)}"
         out.append(entry)
@@ -346,8 +363,12 @@ def format_report(report: SweepReport) -> str:
             params = json.dumps(row.params, default=str)
             parts.append(f"  trial {row.index} ({row.run_name}): {values}; params {params}")
     if report.seed_table:
-        parts += ["", "mean ± std over seeds (finished runs):", text_table(_mean_std_strings(report.seed_table))]
-    if report.paper_table:
+        parts += ["", "mean ± std over seeds (finished runs):",
+                  text_table(_mean_std_strings(report.seed_table, report.table_metrics))]
+    if report.paper_table and "val_loss" in report.table_metrics:
+        parts += ["", "per category: the run with the lowest validation loss; std = validation loss over the "
+                      "category:", text_table(report.paper_table)]
+    elif report.paper_table:
         parts += ["", "paper table (per category: the run with the lowest training error; std = test error over "
                       "the category):", text_table(report.paper_table)]
     if report.files:
