@@ -84,7 +84,6 @@ def _unresolved(line: str, own_doc: str | None = None) -> list[str]:
     return problems
 
 
-@pytest.mark.xfail(strict=False, reason="citations are rewritten by docs/fix_citations.py")
 def test_code_citations_resolve_to_docs():
     problems = []
     for path in _code_files():

@@ -1,4 +1,4 @@
-"""Per-dataset facts: shape, classes and the paper's normalisation (specialization-paper.md §1.2 table).
+"""Per-dataset facts: shape, classes and the paper's normalisation (docs/paper-notes.md §1.2 table).
 
 The mean/std are the reference code's transforms.Normalize arguments, kept verbatim (CIFAR-10 uses the rounded
 values of the AAAI notebooks), so inputs match the reference exactly.

@@ -101,7 +101,7 @@ class LiteralGate(nn.Module):
 
 
 class LiteralAttention(nn.Module):
-    """a_e = (W_q h_g) . (W_k h_e) / sqrt(H), softmax over experts; no value projection (notes §2)."""
+    """a_e = (W_q h_g) . (W_k h_e) / sqrt(H), softmax over experts; no value projection (docs/paper-notes.md §2)."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -117,7 +117,7 @@ class LiteralAttention(nn.Module):
 
 
 class LiteralMoE(nn.Module):
-    """y_hat = sum_e g_e f_e (notes §1.1). forward -> mixture (B, C); .gate_probs and .expert_probs are kept."""
+    """y_hat = sum_e g_e f_e (docs/paper-notes.md §1.1). forward -> mixture (B, C); .gate_probs and .expert_probs are kept."""
 
     def __init__(self, dataset: str, num_experts: int, num_classes: int, gate_kind: str, temperature: float = 1.0):
         super().__init__()
@@ -156,18 +156,18 @@ class LiteralSingle(nn.Module):
 
 
 def literal_nll(mixture_BC: torch.Tensor, y_B: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
-    """L_CE = -mean log(y_hat_y + eps) (notes §1.1)."""
+    """L_CE = -mean log(y_hat_y + eps) (docs/paper-notes.md §1.1)."""
     return F.nll_loss(torch.log(mixture_BC + eps), y_B)
 
 
 def literal_importance(p_BE: torch.Tensor, weight: float) -> torch.Tensor:
-    """w * (std_e Imp / mean_e Imp)^2, Imp_e = sum_n g_e(x_n), unbiased std (notes §3.2)."""
+    """w * (std_e Imp / mean_e Imp)^2, Imp_e = sum_n g_e(x_n), unbiased std (docs/paper-notes.md §3.2)."""
     imp_E = p_BE.sum(dim=0)
     return weight * (imp_E.std() / imp_E.mean()) ** 2
 
 
 def literal_sample_similarity(x: torch.Tensor, p_BE: torch.Tensor, beta_s: float, beta_d: float) -> torch.Tensor:
-    """beta_s * S - beta_d * D / N^2 with the double loop over experts exactly as the notes give it (§3.1)."""
+    """beta_s * S - beta_d * D / N^2 with the double loop over experts exactly as the notes give it (docs/paper-notes.md §3.1)."""
     n, e = p_BE.shape
     flat = x.reshape(n, -1)
     dist = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")

@@ -4,7 +4,7 @@ torchvision dataset with per-sample transforms, a shuffling DataLoader, the lite
 It counts what the reference counts: the epoch's training loss is the mean over batches of the loss before
 each step (regularizers included); training accuracy is measured by an EXTRA no-grad forward pass after each
 step (and, for comparison with raymoe, also from the step's own forward, before it); test accuracy is the mean
-of per-batch accuracies with BatchNorm on batch statistics (the reference never called eval(), notes §7.7).
+of per-batch accuracies with BatchNorm on batch statistics (the reference never called eval(), docs/paper-notes.md §7.7).
 """
 
 from __future__ import annotations

@@ -63,7 +63,7 @@ def literal_for(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
 
 def literal_loss(cfg: ExperimentConfig, literal: nn.Module, x: torch.Tensor,
                  y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_CE (+ L_importance) (+ L_s) as the reference adds them (notes §3), the mixture y_hat (B, C))."""
+    """(L_CE (+ L_importance) (+ L_s) as the reference adds them (docs/paper-notes.md §3), the mixture y_hat (B, C))."""
     mixture_BC = literal(x)
     loss = literal_nll(mixture_BC, y, cfg.model.log_eps)
     if isinstance(literal, LiteralMoE):

@@ -4,8 +4,8 @@
 ones), then `compute()` for the scalars and `matrices()` for the figures.
 
 Sample-level MoE (one gate, N = B): error, top5_error (C > 5), mi_true_bits (expert = argmax gate x true
-label), mi_pred_bits (x class predicted by that expert: the paper's I(E;Y), spec §4.2), sample_entropy_bits
-(H_s), usage_entropy_bits (H_u over the WHOLE evaluation set: the reference used its last test batch, spec §7.4),
+label), mi_pred_bits (x class predicted by that expert: the paper's I(E;Y), docs/paper-notes.md §4.2), sample_entropy_bits
+(H_s), usage_entropy_bits (H_u over the WHOLE evaluation set: the reference used its last test batch, docs/paper-notes.md §7.4),
 importance_cv (CV of the summed gate probabilities).
 Token-level models (items_per_sample > 1, one gate per MoE layer): per layer "layer{i}/..." with i the 0-based
 MoE layer: usage_entropy_bits, mi_true_bits (token t of image b labelled y_b), mi_pred_bits (labelled with the

@@ -1,4 +1,4 @@
-"""Specialisation metrics of the paper (spec §4), in bits (log base 2, as the reference's `entropy`).
+"""Specialisation metrics of the paper (docs/paper-notes.md §4), in bits (log base 2, as the reference's `entropy`).
 
 Pure functions of probabilities or count matrices; 0 log 0 = 0 throughout.
 Shape legend: N samples, E experts, C classes.

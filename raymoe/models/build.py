@@ -1,7 +1,7 @@
 """Config -> model: the paper MoE (arch "moe"), the single-model baseline ("single"), the ViT-MoE ("vit_moe") or
 the language models ("gpt" dense, "gpt_moe"; built by `build_lm` from the text data's vocabulary).
 
-cfg.data.name picks the paper's expert and gate networks (spec §1.2); cfg.model.hidden_size overrides H.
+cfg.data.name picks the paper's expert and gate networks (docs/paper-notes.md §1.2); cfg.model.hidden_size overrides H.
 """
 
 from __future__ import annotations

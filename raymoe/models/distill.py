@@ -1,4 +1,4 @@
-"""Distilling the attentive-gate MoE into an original-gate MoE (spec §1.3 rows 8/9, `train_from_model`).
+"""Distilling the attentive-gate MoE into an original-gate MoE (docs/paper-notes.md §1.3 rows 8/9, `train_from_model`).
 
 The experts are copied from the trained attentive model and frozen; a new original (softmax) gate loads the
 attentive gate's trunk (conv/fc1/fc2) with strict=False semantics, and its output layer starts random. Only the

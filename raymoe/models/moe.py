@@ -1,4 +1,4 @@
-"""The paper's "expectation" MoE (spec §1.1): y_hat(x) = sum_e g_e(x) f_e(x), loss NLL on log(y_hat + eps).
+"""The paper's "expectation" MoE (docs/paper-notes.md §1.1): y_hat(x) = sum_e g_e(x) f_e(x), loss NLL on log(y_hat + eps).
 
 The model talks to its experts only through the dispatcher:
     dispatch -> experts.forward_grouped (sparse pairs) or experts.forward_dense (every expert, every image)
@@ -8,7 +8,7 @@ so expert parallelism can swap in an all-to-all dispatcher and a shard of the ex
 
 Dense gates (softmax, attentive) send each image once (dispatch without expert ids); every local expert runs on
 it and combine returns expert-major (expert, sample) rows. The attentive gate reads every expert's hidden
-layer, so the experts run before it (spec §2).
+layer, so the experts run before it (docs/paper-notes.md §2).
 Sparse gates (topk, noisy_topk) run first; only each sample's k chosen experts run, y_hat = sum_k w_k f_k(x).
 
 Shape legend: B samples, E experts, K experts per sample, P pairs, K' classes (written C), H expert hidden width,

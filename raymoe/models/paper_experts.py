@@ -1,7 +1,7 @@
-"""The paper's expert networks (spec §1.2 table), all experts stacked so one call runs them together.
+"""The paper's expert networks (docs/paper-notes.md §1.2 table), all experts stacked so one call runs them together.
 
 Every expert is conv stages (3x3 conv, optional BatchNorm, ReLU, 2x2 max-pool) -> fc1 -> ReLU -> fc2 (the
-"hidden" layer, kept pre-ReLU for the attentive gate's keys, spec §2) -> ReLU -> out -> softmax.
+"hidden" layer, kept pre-ReLU for the attentive gate's keys, docs/paper-notes.md §2) -> ReLU -> out -> softmax.
 
 Stacked layout (what makes E experts cost about one call): every parameter and BatchNorm buffer has the
 leading local-expert dim (ExpertStack contract). With equal rows per expert (dense gates: every expert sees
@@ -48,7 +48,7 @@ class ConvNetSpec:
         return self.channels[-1] * side * side
 
 
-# Expert columns of the spec §1.2 architecture table: (conv channels, BatchNorm flags, padding, fc1, H).
+# Expert columns of the docs/paper-notes.md §1.2 architecture table: (conv channels, BatchNorm flags, padding, fc1, H).
 EXPERT_ARCHS = {
     "mnist": ((1,), (False,), 0, 5, 32),
     "fashion_mnist": ((1,), (False,), 0, 64, 32),

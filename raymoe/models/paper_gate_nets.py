@@ -1,8 +1,8 @@
-"""The paper's gate networks (spec §1.2 table): a trunk h_g(x) of conv stages -> fc1 -> ReLU -> fc2.
+"""The paper's gate networks (docs/paper-notes.md §1.2 table): a trunk h_g(x) of conv stages -> fc1 -> ReLU -> fc2.
 
 The original gate applies ReLU(fc2) -> out -> softmax(./T) (gates.py); the attentive gate's trunk returns fc2
-without ReLU except on Fashion-MNIST (spec §1.2, "Attentive-gate trunk" row). Both gates hold the trunk
-under the same parameter names (`trunk.*`), so distillation loads one from the other (spec §1.3 rows 8/9).
+without ReLU except on Fashion-MNIST (docs/paper-notes.md §1.2, "Attentive-gate trunk" row). Both gates hold the trunk
+under the same parameter names (`trunk.*`), so distillation loads one from the other (docs/paper-notes.md §1.3 rows 8/9).
 
 Shape legend: B samples, C channels, S image side, H trunk output width.
 """
@@ -16,7 +16,7 @@ from torch import nn
 from raymoe.kernels.onednn_gemm import linear
 from raymoe.models.paper_experts import ConvNetSpec, conv_stages, run_conv_stages
 
-# Gate columns of the spec §1.2 table: (conv channels, BatchNorm flags, padding, fc1, H, attentive ReLU on fc2).
+# Gate columns of the docs/paper-notes.md §1.2 table: (conv channels, BatchNorm flags, padding, fc1, H, attentive ReLU on fc2).
 GATE_ARCHS = {
     "mnist": ((1,), (False,), 0, 128, 32, False),
     "fashion_mnist": ((8,), (True,), 0, 512, 32, True),

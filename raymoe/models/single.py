@@ -1,4 +1,4 @@
-"""Single-model baseline (spec §1.3 row 1): one network with the expert's architecture, no gate."""
+"""Single-model baseline (docs/paper-notes.md §1.3 row 1): one network with the expert's architecture, no gate."""
 
 from __future__ import annotations
 

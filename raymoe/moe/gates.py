@@ -1,7 +1,7 @@
 """Sample-level gates of the paper MoE; each returns a GateResult (raymoe/moe/routing.py).
 
-* SoftmaxGate, the "original" gate: g(x) = softmax(W_out ReLU(h_g(x)) / T) (spec §1.1). Dense.
-* AttentiveGate (spec §2): q = W_q h_g(x), k_e = W_k h_e(x) from expert e's pre-ReLU hidden layer,
+* SoftmaxGate, the "original" gate: g(x) = softmax(W_out ReLU(h_g(x)) / T) (docs/paper-notes.md §1.1). Dense.
+* AttentiveGate (docs/paper-notes.md §2): q = W_q h_g(x), k_e = W_k h_e(x) from expert e's pre-ReLU hidden layer,
   a_e = q.k_e / sqrt(H), g = softmax(a). No value projection, no temperature. Dense; needs every expert's hidden.
 * TopKGate: p = softmax(W_out ReLU(h_g(x)) / T), keep the top k. Weights are renormalised over the kept experts
   when `renormalize` (default: only when k > 1, as GShard); NOTE with k = 1 and renormalisation the single weight
@@ -50,7 +50,7 @@ class SoftmaxGate(nn.Module):
 
 
 class AttentiveGate(nn.Module):
-    """Attention-like gate: query from the gate trunk, keys from the experts' hidden layers (spec §2)."""
+    """Attention-like gate: query from the gate trunk, keys from the experts' hidden layers (docs/paper-notes.md §2)."""
 
     dense = True
     needs_expert_hidden = True

@@ -1,4 +1,4 @@
-"""Importance loss (Shazeer et al. 2017; paper spec §3.2): CV(sum_n g(x_n))^2 with the unbiased std."""
+"""Importance loss (Shazeer et al. 2017; docs/paper-notes.md §3.2): CV(sum_n g(x_n))^2 with the unbiased std."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def combine_weights_NE(gate: GateResult) -> torch.Tensor:
 def importance_loss(gate: GateResult) -> torch.Tensor:
     """CV(Imp)^2 with Imp_e = sum_n G_e(x_n), G the gate values the experts are combined with.
 
-    For the paper's dense gates G = g (spec §3.2); for sparse gates G is the top-k weights, zero elsewhere,
+    For the paper's dense gates G = g (docs/paper-notes.md §3.2); for sparse gates G is the top-k weights, zero elsewhere,
     as in Shazeer et al. (their Importance sums the sparse gate values).
     """
     return coefficient_of_variation_sq(combine_weights_NE(gate).sum(0))

@@ -1,4 +1,4 @@
-"""Sample-similarity regulariser L_s (paper spec §3.1): similar samples to the same expert, dissimilar apart.
+"""Sample-similarity regulariser L_s (docs/paper-notes.md §3.1): similar samples to the same expert, dissimilar apart.
 
 d_nm = ||x_n - x_m|| / max ||x_n' - x_m'|| on the flattened, normalised input images (not squared; raw pixels);
 S = (1/E) sum_e sum_nm g_e(x_n) g_e(x_m) d_nm;  D = 1/(E^2 - E) sum_{e != e'} sum_nm g_e(x_n) g_e'(x_m) d_nm.
@@ -39,7 +39,7 @@ def pixel_distance_NN(x: torch.Tensor, distance: str = "raw") -> torch.Tensor:
 
 def sample_similarity(probs_NE: torch.Tensor, x: torch.Tensor, beta_s: float, beta_d: float,
                       normalization: str = "reference", distance: str = "raw") -> SampleSimilarity:
-    """L_s of spec §3.1 for gate probabilities probs_NE of the N images x (N, C, H, W)."""
+    """L_s of docs/paper-notes.md §3.1 for gate probabilities probs_NE of the N images x (N, C, H, W)."""
     n, e = probs_NE.shape
     g_NE = probs_NE.float()
     d_NN = pixel_distance_NN(x, distance).to(g_NE.device)

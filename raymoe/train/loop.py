@@ -61,7 +61,7 @@ def make_optimizer(train: TrainConfig, model: nn.Module) -> torch.optim.Optimize
 
 
 def build_for(cfg: ExperimentConfig, data, device: torch.device, build_args: tuple | None = None) -> nn.Module:
-    """The model of this config, or the distilled model when train.distill_from is set (paper §1.3 rows 8/9).
+    """The model of this config, or the distilled model when train.distill_from is set (docs/paper-notes.md §1.3 rows 8/9).
     build_args: (classes or vocabulary, in channels, image size); default from an image data set `data`."""
     if cfg.train.distill_from is None:
         from raymoe.models.build import build_model

@@ -1,7 +1,7 @@
 """Connect to a Ray cluster, or start a quiet local one, and check it can hold the job before anything starts.
 
 Token authentication (Ray >= 2.59): `ray.init()`/`ray start --head` create ~/.ray/auth_token and a head started
-while that file exists requires it, but clients only send it when RAY_AUTH_MODE=token (ray-stack.md §6.1).
+while that file exists requires it, but clients only send it when RAY_AUTH_MODE=token (docs/ray-notes.md §6.1).
 A token-mode client also connects to a cluster without auth, so we set RAY_AUTH_MODE=token whenever a token is
 available and the user left RAY_AUTH_MODE unset.
 """

@@ -59,7 +59,7 @@ def post_step_hooks(model: nn.Module) -> list[nn.Module]:
 
 def set_eval_mode(model: nn.Module, bn_eval: bool) -> None:
     """model.eval(); with bn_eval False BatchNorm keeps batch statistics at test, as the reference code did
-    (it never called eval(); paper reference §7.7). Gate noise and jitter stay off either way."""
+    (it never called eval(); docs/paper-notes.md §7.7). Gate noise and jitter stay off either way."""
     model.eval()
     if not bn_eval:
         for module in model.modules():

@@ -1,5 +1,5 @@
 """A sweep's report, read back from MLflow: all trials, the best trial (or Pareto front), mean +- std over seeds,
-and for grid sweeps the paper-style table (specialization-paper.md §4.5).
+and for grid sweeps the paper-style table (docs/paper-notes.md §4.5).
 
 Paper table, per method category: the run with the LOWEST TRAINING error is selected; the table gives its test
 error, I(E;Y) (mi_pred_bits), H_s (sample_entropy_bits) and H_u (usage_entropy_bits), and the std of the test
@@ -157,7 +157,7 @@ def seed_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) -
 
 
 def paper_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) -> list[dict[str, Any]]:
-    """Spec §4.5: per category, the finished run with the lowest training error, plus the category's test-error std
+    """docs/paper-notes.md §4.5: per category, the finished run with the lowest training error, plus the category's test-error std
     (language models: the lowest validation loss, and the std of validation loss)."""
     select, spread = ("val_loss", "val_loss") if "val_loss" in metrics else ("train_error", "test_error")
     categories: dict[str, list[TrialRow]] = {}

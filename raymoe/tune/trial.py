@@ -1,6 +1,6 @@
 """The Tune trial function: the same train_fn as `raymoe train`, launched one of two ways (resources.launcher).
 
-- ray_train: the trial is a Ray Train *driver* (Train V2 pattern, ray-stack.md §2). It builds the same
+- ray_train: the trial is a Ray Train *driver* (Train V2 pattern, docs/ray-notes.md §2). It builds the same
   TorchTrainer as `raymoe train` with a TuneReportCallback (constructed here, inside the Tune session) and fits
   it; needed for multi-worker and expert-parallel trials.
 - in_trial (auto for one worker): train_fn runs in the trial's own process and reports with ray.tune.report.

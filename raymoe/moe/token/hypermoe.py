@@ -1,6 +1,6 @@
 """HyperMoE (Zhao et al., ACL 2024, arXiv 2402.12656): a HyperExpert generated from the unselected experts.
 
-Per MoE layer l (computation as in the authors' released code, reference/hypermoe.md §1.2):
+Per MoE layer l (computation as in the authors' released code, docs/hypermoe-notes.md §1.2):
     s_t   = sum_{j not selected by token t} e_j^(l)          expert embeddings, a SUM; router probs do not enter
     z_t   = W2 ReLU(W1 s_t + c1) + c2                        embedding_process (per layer)
     h_t   = ReLU(W_h [z_t ; LayerEmbed(l)] + c_h)            HyperNetwork, ONE module shared by all layers
@@ -10,8 +10,8 @@ Per MoE layer l (computation as in the authors' released code, reference/hypermo
 s_t depends only on the token's *set* of selected experts, so the adapter is generated once per distinct
 unselected set present in the batch (<= E sets for top-1, <= C(E, k) for top-k; found with torch.unique over
 a bitmask code) and applied to the tokens of each set as one grouped GEMM. This is numerically the per-token
-computation of the reference code without its per-token weight generation (observation 1.3(2)).
-The selection is taken *before* capacity dropping, so dropped tokens still get the HyperExpert (obs. 4).
+computation of the reference code without its per-token weight generation (docs/hypermoe-notes.md §1.3(2)).
+The selection is taken *before* capacity dropping, so dropped tokens still get the HyperExpert (docs/hypermoe-notes.md §1.3(4)).
 Hyperfan-in initialisation makes the generated adapter start at ~0, i.e. training starts from the plain MoE.
 
 Shape legend: N tokens, D model dim, E experts, K experts per token, U distinct unselected sets,

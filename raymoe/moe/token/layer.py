@@ -75,7 +75,7 @@ class TokenMoE(nn.Module):
         """x: (..., D) -> (y of the same shape, GateResult over N = prod(leading dims), stats)."""
         x_ND = x.reshape(-1, self.dim)
         gate = self.router(x_ND, self.experts)
-        selected_NK = gate.experts_NK  # before capacity: HyperMoE's unselected set (hypermoe.md obs. 4)
+        selected_NK = gate.experts_NK  # before capacity: HyperMoE's unselected set (docs/hypermoe-notes.md §1.3(4))
         if self.capacity_factor is not None:
             cap = token_capacity(self.capacity_factor, x_ND.shape[0], selected_NK.shape[1], self.num_experts)
             kept_NK = within_capacity(selected_NK, cap, self.num_experts)

@@ -5,7 +5,7 @@
 * NoisyTopKRouter: Shazeer et al. 2017, H = x W_g + N(0,1) (softplus(x W_noise) + eps) while training (H = x W_g in
   eval); probs_NE = softmax(H) and logits_NE = H, so the renormalised top-k probs are their Softmax(KeepTopK(H, k)).
   renormalize defaults to k > 1: with k = 1 the weight stays p_{i*} so the task loss trains the router (renormalised,
-  it is always 1.0, the Hyper_MoE GPT-2 quirk, hypermoe.md 1.3(3)). Their eq. 9-10 smooth load is GateResult.load_E.
+  it is always 1.0, the Hyper_MoE GPT-2 quirk, docs/hypermoe-notes.md §1.3(3)). Their eq. 9-10 smooth load is GateResult.load_E.
 * ExpertChoiceRouter: Zhou et al. 2022, each expert takes its top-C tokens by softmax score,
   C = min(T, ceil(cf * T / E)) with T the tokens of this forward (the whole batch is one routing group, so a
   token's experts depend on the other images in the batch; never use it in a causal model). Its GateResult has
