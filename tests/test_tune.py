@@ -277,3 +277,34 @@ def test_killed_optuna_sweep_resumes_without_losing_or_duplicating_trials(tmp_pa
     assert study.trials[1].params["gate.top_k"] == 3 and study.trials[2].params["train.lr"] == 1e30
     assert all(t.state.name in ("COMPLETE", "FAIL") for t in study.trials)
     assert any(math.isfinite(t.value) for t in study.trials if t.state.name == "COMPLETE")
+
+
+@pytest.mark.skipif(not Path("/usr/share/games/fortunes").is_dir(), reason="Debian's fortunes is not installed")
+def test_lm_routers_sweep_minimises_validation_loss(tmp_path, ray_address):
+    """The shipped language-model sweep (Optuna on val_loss) runs end to end at a tiny size: every trial FINISHED
+    with its validation metrics, and the report tabulates validation loss and bits per byte."""
+    repo = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((repo / "tune_configs/sweeps/lm_routers.yaml").read_text())
+    raw["base"] = str(repo / "tune_configs/lm/switch.yaml")
+    raw["num_samples"] = 2
+    raw["overrides"].update({"train.max_steps": 4, "train.eval_every": 2, "train.warmup_steps": 1,
+                             "train.batch_size": 4, "model.gpt.dim": 16, "model.gpt.depth": 2, "model.gpt.heads": 2,
+                             "model.gpt.mlp_dim": 16, "model.gpt.block_size": 16, "model.num_experts": 4,
+                             "data.text.block_size": 16, "data.text.val_tokens": 256,
+                             "data.root": str(tmp_path / "data"), "train.progress": False})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    raw["tracking"] = {"uri": uri, "experiment": "t-lm"}
+    sweep_file = tmp_path / "lm_routers.yaml"
+    sweep_file.write_text(yaml.safe_dump(raw))
+    outcome = run_sweep(load_sweep(sweep_file), storage_root=tmp_path / "sweeps", report_dir=tmp_path / "report",
+                        shutdown=False)
+    assert not outcome.interrupted and len(outcome.trials) == 2 and outcome.num_errors == 0
+    client = _client(uri)
+    children = _children(client, outcome.parent_run_id)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    for child in children:
+        assert _steps(client, child.info.run_id, "val_loss") == [2, 4]
+        assert {"val_bits_per_byte", "layer0/mi_next_token_bits", "targets_per_s"} <= set(child.data.metrics)
+    assert outcome.report.table_metrics[0] == "val_loss"
+    best = min(children, key=lambda c: c.data.metrics["val_loss"])
+    assert outcome.report.best[0].run_name == best.info.run_name
