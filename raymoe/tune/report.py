@@ -157,8 +157,9 @@ def seed_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) -
 
 
 def paper_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) -> list[dict[str, Any]]:
-    """docs/paper-notes.md §4.5: per category, the finished run with the lowest training error, plus the category's test-error std
-    (language models: the lowest validation loss, and the std of validation loss)."""
+    """Per category, the finished run with the lowest training error and the category's test-error std
+    (docs/paper-notes.md §4.5); language models: the lowest validation loss and the std of validation loss. Then
+    every metric's mean and sd over all of the category's finished runs (`<metric>_mean`, `<metric>_sd`)."""
     select, spread = ("val_loss", "val_loss") if "val_loss" in metrics else ("train_error", "test_error")
     categories: dict[str, list[TrialRow]] = {}
     for row in rows:
@@ -174,6 +175,8 @@ def paper_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) 
         table.append({"category": category, "selected": pick.point, "seed": pick.seed, "run": pick.run_name,
                       **{m: pick.metrics.get(m, math.nan) for m in metrics},
                       f"{spread}_std": statistics.stdev(spreads) if len(spreads) > 1 else math.nan,
+                      **{f"{m}_{stat}": value for m in metrics for stat, value in zip(("mean", "sd"), _mean_std(
+                          [r.metrics[m] for r in members if _finite(r.metrics.get(m))]))},
                       "n_runs": len(members)})
     return table
 
