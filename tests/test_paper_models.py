@@ -220,7 +220,7 @@ def test_dense_moe_is_the_gate_weighted_expectation_and_output_softmax():
         torch.testing.assert_close(out.log_probs_BC, torch.log(torch.softmax(mix, 1) + 1e-7), rtol=1e-5, atol=1e-6)
         top = g.argmax(1)
         assert torch.equal(out.selected_pred_B, f_EBY[top, torch.arange(5), :10].argmax(1))
-        if kind == "attentive":  # spec §2 by hand from the reference experts' hidden layers
+        if kind == "attentive":  # docs/paper-notes.md §2 by hand from the reference experts' hidden layers
             gate = model.gate
             q = gate.trunk(x) @ gate.w_q.weight.t()
             k = f_EBY[..., 10:] @ gate.w_k.weight.t()
@@ -283,7 +283,7 @@ def test_single_model_is_one_expert_network():
 
 
 def test_paper_architecture_shapes():
-    # spec §1.2 table: fc1 inputs and widths
+    # docs/paper-notes.md §1.2 table: fc1 inputs and widths
     assert (expert_spec("mnist", 1, 28).flat_features, expert_spec("mnist", 1, 28).fc1) == (169, 5)
     assert expert_spec("cifar10", 3, 32).flat_features == 48
     assert (expert_spec("cifar100", 3, 32).flat_features, expert_spec("cifar100", 3, 32).hidden) == (256, 64)
@@ -316,7 +316,7 @@ def test_distillation_freezes_experts_and_copies_the_trunk():
 
 def test_gate_trunks_share_names_between_original_and_attentive():
     spec, relu = gate_trunk_spec("fashion_mnist", 1, 28)
-    assert relu  # FMNIST attentive trunk returns ReLU(fc2), the others plain fc2 (spec §1.2)
+    assert relu  # FMNIST attentive trunk returns ReLU(fc2), the others plain fc2 (docs/paper-notes.md §1.2)
     assert not gate_trunk_spec("mnist", 1, 28)[1]
     a, b = GateTrunk(spec, final_relu=True), GateTrunk(spec, final_relu=False)
     assert a.state_dict().keys() == b.state_dict().keys()

@@ -1,5 +1,5 @@
 """The paper presets (tune_configs/paper/<dataset>/*.yaml) load through the real config loader and hold the
-settings of specialization-paper.md §1.2/§1.3/§3, checked against a table written from the spec by hand."""
+settings of docs/paper-notes.md §1.2/§1.3/§3, checked against a table written from the spec by hand."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ SHARED = {
     "cifar10": ("cifar10", 20, 128, 5, 32, 1e-3),
     "cifar100": ("cifar100", 40, 256, 20, 64, 1e-3),
 }
-# (beta_s, beta_d) of the L_s rows: spec §3.1 picks; FMNIST beta_d and all of CIFAR-10 are documented choices.
+# (beta_s, beta_d) of the L_s rows: docs/paper-notes.md §3.1 picks; FMNIST beta_d and all of CIFAR-10 are documented choices.
 LS = {
     "mnist": {"original": (1e-6, 1e-6), "attentive": (1e-6, 1e-2)},
     "fmnist": {"original": (1e-7, 1e-7), "attentive": (1e-6, 1e-2)},

@@ -208,7 +208,7 @@ def _stop_head(temp_dir: str) -> None:
 def test_ray_job_submit_to_a_loopback_head(tiny_fmnist_root, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must stay < 108 chars
     dashboard = _free_port()
-    # the venv first on PATH: the job's entrypoint runs with the raylet's PATH (ray-stack.md §6.1)
+    # the venv first on PATH: the job's entrypoint runs with the raylet's PATH (docs/ray-notes.md §6.1)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", RAY_AUTH_MODE="token")
     ray_bin = str(Path(sys.executable).parent / "ray")

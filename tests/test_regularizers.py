@@ -20,7 +20,7 @@ from raymoe.regularizers.z_loss import router_z_loss
 
 
 def brute_force_ls(g, x, beta_s, beta_d, normalization, channel_sum=False):
-    """Spec §3.1 with python loops: S over same-expert pairs / E, D over different experts / (E^2 - E)."""
+    """docs/paper-notes.md §3.1 with python loops: S over same-expert pairs / E, D over different experts / (E^2 - E)."""
     n, e = g.shape
     imgs = (x.sum(1) if channel_sum else x).reshape(n, -1).double()
     d = [[math.sqrt(((imgs[i] - imgs[j]) ** 2).sum().item()) for j in range(n)] for i in range(n)]

@@ -245,7 +245,7 @@ def test_fmnist_paper_grid_has_the_paper_row_count():
         per_category.setdefault(point.category, set()).add(point.label)
     seeds = len(sweep.config.seed_list)
     assert seeds == 10  # paper: 10 runs per setting for MNIST / FMNIST
-    # paper §1.3 / §3: importance w in {0.2..1.0}; L_s beta_s in {1e-7, 1e-6} x beta_d in {1e-7..1e-1}
+    # docs/paper-notes.md §1.3 / §3: importance w in {0.2..1.0}; L_s beta_s in {1e-7, 1e-6} x beta_d in {1e-7..1e-1}
     sizes = {c: len(labels) for c, labels in per_category.items()}
     assert sorted(sizes.values()) == sorted([1, 1, 5, 5, 14, 14] + ([1] if len(sizes) == 7 else []))
     assert sweep.num_trials == sum(sizes.values()) * seeds
