@@ -83,3 +83,12 @@ def restore_torch_state():
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.utils.deterministic.fill_uninitialized_memory = fill
     torch.set_flush_denormal(False)  # torch's default
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: OpenMP barriers on a busy 2-core box cost more than the work (0.5 s vs 5 ms a forward)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -35,13 +35,7 @@ def text_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: OpenMP barriers on a busy 2-core box cost more than the work (0.5 s vs 5 ms a forward)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run faster on one thread
 
 
 def _raw(text_file, arch="gpt_moe", gate=None, gpt=None, experts=4) -> dict:

@@ -36,13 +36,7 @@ needs_fortunes = pytest.mark.skipif(not corpus.fortune_files(FORTUNES),
                                            "`make test` installs it as root (apt-get install fortunes)")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: OpenMP barriers on a busy 2-core box cost more than the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny tensors run faster on one thread
 
 
 def _data(tmp_path, **text) -> DataConfig:

@@ -50,13 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cpu_model() -> str:
     """The CPU's model name (benchmark figures are recorded next to it)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    import torch
+
+    from raymoe.tracking.environment import device_name
+
+    return device_name(torch.device("cpu"))
 
 
 def _preset(args: argparse.Namespace, row: str, extra: list[str] = ()):

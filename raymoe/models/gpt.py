@@ -26,6 +26,7 @@ from torch import nn
 
 from raymoe.config.errors import ConfigError
 from raymoe.config.schema import ExperimentConfig
+from raymoe.models.blocks import run_blocks
 from raymoe.models.output import ModelOutput
 from raymoe.models.rope import Rotary
 from raymoe.moe.token.build import build_hypernet, build_token_moe
@@ -162,12 +163,7 @@ class GPT(nn.Module):
         if self.pos_embed is not None:
             x_BTD = x_BTD + self.pos_embed[:, :t]
         x_BTD = self.drop(x_BTD)
-        gates, stats = [], []
-        for block in self.blocks:
-            x_BTD, moe = block(x_BTD)
-            if moe is not None:
-                gates.append(moe[0])
-                stats.append(moe[1])
+        x_BTD, gates, stats = run_blocks(self.blocks, x_BTD)
         logits_BTV = self.head(self.norm(x_BTD))
         log_probs_NV = F.log_softmax(logits_BTV.float(), dim=-1).view(b * t, -1)
         return ModelOutput(log_probs_BC=log_probs_NV, gates=gates, items_per_sample=t, selected_pred_B=None,

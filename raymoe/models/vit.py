@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config.schema import ExperimentConfig
+from raymoe.models.blocks import run_blocks
 from raymoe.models.output import ModelOutput
 from raymoe.moe.token.build import build_hypernet, build_token_moe
 from raymoe.moe.token.layer import TokenMoE
@@ -88,12 +89,7 @@ class ViTMoE(nn.Module):
         if self.cls_token is not None:
             x_BTD = torch.cat([self.cls_token.expand(x_BTD.shape[0], -1, -1), x_BTD], dim=1)
         x_BTD = x_BTD + self.pos_embed
-        gates, stats = [], []
-        for block in self.blocks:
-            x_BTD, moe = block(x_BTD)
-            if moe is not None:
-                gates.append(moe[0])
-                stats.append(moe[1])
+        x_BTD, gates, stats = run_blocks(self.blocks, x_BTD)
         x_BTD = self.norm(x_BTD)
         pooled_BD = x_BTD[:, 0] if self.pool == "cls" else x_BTD.mean(dim=1)
         logits_BK = self.head(pooled_BD)
