@@ -33,7 +33,7 @@ NEEDED = ("raymoe.train.loop", "raymoe.models.build", "raymoe.data.datasets", "r
           "raymoe.metrics.accumulator")
 MISSING = [m for m in NEEDED if importlib.util.find_spec(m) is None]
 needs_training = pytest.mark.skipif(bool(MISSING), reason=f"end-to-end training code not written yet: {MISSING}")
-TIMING = {"epoch_seconds", "train_seconds", "eval_seconds", "samples_per_s", "data_fraction"}
+TIMING = {"epoch_seconds", "train_seconds", "eval_seconds", "samples_per_s", "targets_per_s", "data_fraction"}
 
 
 def _raw(data_root: Path, tmp: Path, name: str, epochs: int = 2, **scaling) -> dict:
