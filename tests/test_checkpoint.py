@@ -207,3 +207,16 @@ def test_everything_loads_with_weights_only(tmp_path):
                     extra={"metrics": {"a": 1.0}, "config": {"name": "x", "tags": ["a"], "lr": None}})
     for f in (tmp_path / "c").glob("*.pt"):
         torch.load(f, weights_only=True)
+
+
+def test_model_gpt_fixes_shapes_only_for_language_models():
+    """A checkpoint of an image model saved before model.gpt existed still resumes; for a language model a
+    different model.gpt is another architecture."""
+    from raymoe.train.loop import _arch_differences
+
+    image_saved = {"data": {"name": "fashion_mnist"}, "model": {"arch": "moe", "num_experts": 5}}
+    image_now = {"data": {"name": "fashion_mnist"}, "model": {"arch": "moe", "num_experts": 5, "gpt": {"dim": 128}}}
+    assert _arch_differences(image_saved, image_now) == []
+    lm_saved = {"data": {"name": "text"}, "model": {"arch": "gpt_moe", "gpt": {"dim": 64}}}
+    lm_now = {"data": {"name": "text"}, "model": {"arch": "gpt_moe", "gpt": {"dim": 128}}}
+    assert [d.split(":")[0] for d in _arch_differences(lm_saved, lm_now)] == ["model.gpt"]
