@@ -9,8 +9,6 @@ of per-batch accuracies with BatchNorm on batch statistics (the reference never 
 
 from __future__ import annotations
 
-import math
-import tempfile
 import time
 from pathlib import Path
 
@@ -116,19 +114,3 @@ class LiteralLoop:
             metrics["sample_entropy_bits"] = float(-(p_NE * p_NE.clamp_min(1e-30).log2()).sum(1).mean())
         metrics["eval_seconds"] = time.perf_counter() - start
         return metrics
-
-
-def run_literal(cfg: ExperimentConfig, *, epochs: int | None = None, log=print) -> list[dict[str, float]]:
-    """Train the literal model of a paper preset with the reference loop; one dict of metrics per epoch
-    (LiteralLoop.train_epoch's and .evaluate's keys)."""
-    epochs = epochs or cfg.train.epochs
-    with tempfile.TemporaryDirectory(prefix="raymoe-literal-") as scratch:
-        loop = LiteralLoop(cfg, Path(scratch))
-        history = []
-        for epoch in range(1, epochs + 1):
-            metrics = {**loop.train_epoch(), **loop.evaluate()}
-            history.append(metrics)
-            log(f"literal epoch {epoch}/{epochs}: train loss {metrics['train_loss']:.4f} err "
-                f"{metrics['train_error']:.4f} | test err {metrics['test_error']:.4f} H_u "
-                f"{metrics.get('usage_entropy_bits', math.nan):.3f} | {metrics['train_seconds']:.1f} s", flush=True)
-        return history

@@ -22,7 +22,7 @@ from raymoe.parallel.context import DistContext
 from raymoe.tracking.mlflow_run import NullRun, TrackedRun
 from raymoe.train.device import (epoch_seed, make_deterministic, pick_device, prepare_cpu_process,
                                  seed_everything, set_cpu_threads)
-from raymoe.train.step import EpochResult, StepSettings, TrainingDiverged, evaluate, post_step_hooks, train_epoch
+from raymoe.train.step import EpochResult, StepSettings, TrainingDiverged, post_step_hooks, train_epoch
 
 # Fields of the config that fix the parameter shapes: a checkpoint made with other values cannot be loaded.
 ARCH_FIELDS = (("data", "name"), ("model", "arch"), ("model", "num_experts"), ("model", "hidden_size"),

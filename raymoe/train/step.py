@@ -31,7 +31,7 @@ class EpochResult:
 
     error: 1 - accuracy of the forward pass of each step (before its optimizer step), sample-weighted over
     the epoch; costs nothing extra. The reference averages per-batch accuracies measured after each step with
-    an extra no-grad pass (error_after_step).
+    an extra no-grad pass (StepSettings.error_after_step).
     """
 
     loss: float  # mean NLL per training target (image label or next token; no regularizer)
@@ -113,8 +113,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
                 ctx: DistContext, epoch: int, num_samples: int, batch_size: int,
                 hooks: list[nn.Module] | None = None,
                 on_step: Callable[[int, float, float], None] | None = None,
-                error_after_step: bool = False, settings: StepSettings | None = None,
-                first_step: int = 0) -> EpochResult:
+                settings: StepSettings | None = None, first_step: int = 0) -> EpochResult:
     """Run one epoch (or one evaluation interval) of optimizer steps.
 
     Args:
@@ -124,7 +123,6 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         batch_size: global batch size.
         hooks: modules whose post_step(ctx) runs after each optimizer step.
         on_step: called on every rank with (step, running mean loss, running accuracy) after each step.
-        error_after_step: shorthand for settings.error_after_step.
         settings: precision, clipping, accumulation, learning-rate schedule.
         first_step: optimizer steps done before this call (the schedule's position).
 
@@ -134,7 +132,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     from raymoe.train.precision import autocast
     from raymoe.train.schedule import set_lr
 
-    settings = settings or StepSettings(error_after_step=error_after_step)
+    settings = settings or StepSettings()
     hooks = post_step_hooks(model) if hooks is None else hooks
     use_reg = regularizer_active(reg_cfg)
     if ctx.distributed:
@@ -160,7 +158,9 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             last_lr = settings.lr_at(first_step + steps)
             set_lr(optimizer, last_lr)
         optimizer.zero_grad(set_to_none=True)
-        stats = torch.zeros(4, dtype=torch.float64)  # [nll sum, correct, targets, non-finite losses]
+        # [nll sum, correct, targets, non-finite losses] on the model's device: one host copy per step, after
+        # backward (a NaN's gradients never reach the weights: every rank raises before optimizer.step)
+        stats = torch.zeros(4, dtype=torch.float64, device=device)
         for xm, ym in zip(torch.tensor_split(x, settings.accum_steps), torch.tensor_split(y, settings.accum_steps)):
             with autocast(device, settings.precision):
                 loss, out, nll_sum, reg = step_loss(model, xm, ym, reg_cfg=reg_cfg, ctx=ctx, global_n=global_n,
@@ -168,13 +168,11 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
             for name, value in reg.parts.items():
                 part_sums[name] = part_sums.get(name, 0.0) + value.detach() / settings.accum_steps
             correct = (out.log_probs_BC.detach().argmax(dim=1) == ym.reshape(-1)).sum()
-            stats += torch.stack([nll_sum.detach().double().cpu(), correct.double().cpu(),
-                                  torch.tensor(float(ym.numel()), dtype=torch.float64),
-                                  (~torch.isfinite(loss.detach())).double().cpu()])
-            if not ctx.distributed and not torch.isfinite(loss.detach()):
-                break  # ranks must all run backward (its collectives), so they all raise after it, below
+            stats += torch.stack([nll_sum.detach().double(), correct.double(),
+                                  torch.full((), ym.numel(), dtype=torch.float64, device=device),
+                                  (~torch.isfinite(loss.detach())).double()])
             loss.backward()
-        stats = ctx.all_reduce_sum(stats.to(device)).cpu() if ctx.distributed else stats
+        stats = (ctx.all_reduce_sum(stats) if ctx.distributed else stats).cpu()
         steps += 1
         if stats[3] > 0:
             lr = optimizer.param_groups[0]["lr"]
