@@ -17,7 +17,7 @@ from torch import nn
 
 from raymoe.config.errors import ConfigError
 from raymoe.config.load import load_experiment
-from raymoe.config.schema import ExperimentConfig, TrainConfig
+from raymoe.config.schema import LM_ARCHS, ExperimentConfig, TrainConfig
 from raymoe.parallel.context import DistContext
 from raymoe.tracking.mlflow_run import NullRun, TrackedRun
 from raymoe.train.device import (epoch_seed, make_deterministic, pick_device, prepare_cpu_process,
@@ -45,7 +45,7 @@ def _arch_differences(saved: dict | None, current: dict, fields=ARCH_FIELDS) -> 
     if not saved:
         return []
     # model.gpt shapes only the language models (checkpoints of image models made before it existed lack it)
-    lm = _get(current, ("model", "arch")) in ("gpt", "gpt_moe")
+    lm = _get(current, ("model", "arch")) in LM_ARCHS
     return [f"{'.'.join(p)}: checkpoint {_get(saved, p)!r} vs config {_get(current, p)!r}"
             for p in fields if _get(saved, p) != _get(current, p) and (lm or p != ("model", "gpt"))]
 
