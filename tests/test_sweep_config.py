@@ -247,8 +247,12 @@ def test_fmnist_paper_grid_has_the_paper_row_count():
     assert seeds == 10  # paper: 10 runs per setting for MNIST / FMNIST
     # docs/paper-notes.md §1.3 / §3: importance w in {0.2..1.0}; L_s beta_s in {1e-7, 1e-6} x beta_d in {1e-7..1e-1}
     sizes = {c: len(labels) for c, labels in per_category.items()}
-    assert sorted(sizes.values()) == sorted([1, 1, 5, 5, 14, 14] + ([1] if len(sizes) == 7 else []))
+    assert sorted(sizes.values()) == sorted([1, 1, 1, 5, 5, 14, 14, 1, 1])  # nine table rows, distilled included
     assert sweep.num_trials == sum(sizes.values()) * seeds
+    stages = {p.category: p.stage for p in sweep.points}
+    assert {c for c, s in stages.items() if s == 1} == {"distilled_attentive_importance", "distilled_attentive_ls"}
+    quick = load_sweep(path, quick=True)
+    assert quick.name == "paper_fmnist-quick" and quick.num_trials == 9 and {p.seed for p in quick.points} == {0}
     betas = {p.overrides.get("regularizer.sample_similarity.beta_d") for p in sweep.points} - {None}
     assert sorted(betas) == pytest.approx([10.0 ** -k for k in range(7, 0, -1)])
     weights = {p.overrides.get("regularizer.importance") for p in sweep.points} - {None}
@@ -303,3 +307,72 @@ def test_every_metric_a_sweep_may_name_is_one_the_training_loop_reports():
     reported = epoch_metrics(result, lm_metric_names(val, val), eval_seconds=0.1)
     expected = set(LOOP_METRICS) - set(IMAGE_ONLY)
     assert expected <= set(reported), sorted(expected - set(reported))
+
+
+def _staged_presets(folder: Path) -> None:
+    (folder / "att.yaml").write_text("name: att\ngate:\n  kind: attentive\n")
+    (folder / "dist.yaml").write_text("name: dist\ntrain:\n  distill_from: SET-ME\n")
+
+
+def test_staged_rows_run_in_dependency_order(tmp_path):
+    """A best_of row waits for the row it names: stages 0, 1, 2 for att <- dist <- dist2; the row's own overrides
+    travel with each point but not in its label."""
+    _staged_presets(tmp_path)
+    ref = {"best_of": "att", "by": "train_error"}
+    raw = {"name": "g", "strategy": "grid", "seeds": 2, "rows": [
+        {"method": "dist.yaml", "category": "dist2", "overrides": {"train.distill_from": {"best_of": "dist"}}},
+        {"method": "dist.yaml", "overrides": {"train.distill_from": ref, "train.lr": 0.002}},
+        {"method": "att.yaml"}]}
+    sweep = load_sweep(_write(tmp_path, raw))
+    stages = {p.category: p.stage for p in sweep.points}
+    assert stages == {"att": 0, "dist": 1, "dist2": 2}
+    dist = [p for p in sweep.points if p.category == "dist"]
+    assert dist[0].fixed == {"train.distill_from": ref, "train.lr": 0.002} and dist[0].label == "dist"
+    assert [p.index for p in sweep.points] == list(range(6))
+
+
+@pytest.mark.parametrize("rows, path", [
+    ([{"method": "dist.yaml", "overrides": {"train.distill_from": {"best_of": "nope"}}}],
+     "rows[0].overrides.train.distill_from.best_of"),
+    ([{"method": "dist.yaml", "overrides": {"train.distill_from": {"best_of": "dist"}}}],
+     "rows[0].overrides.train.distill_from.best_of"),
+    ([{"method": "att.yaml"}, {"method": "dist.yaml", "overrides": {"train.distill_from": {"best_of": "att",
+                                                                                            "by": "accuracy"}}}],
+     "rows[1].overrides.train.distill_from.by"),
+    ([{"method": "att.yaml"}, {"method": "dist.yaml", "overrides": {"train.distill_from": {"best_of": "att",
+                                                                                            "order": "min"}}}],
+     "rows[1].overrides.train.distill_from.order"),
+    ([{"method": "att.yaml"}, {"method": "dist.yaml", "overrides": {"train.lr": {"best_of": "att"}}}],
+     "rows[1].overrides.train.lr"),
+    ([{"method": "att.yaml"}, {"method": "dist.yaml", "overrides": {"train.nope": 1}}],
+     "rows[1].overrides.train.nope"),
+    ([{"method": "att.yaml"}, {"method": "dist.yaml", "overrides": {"train.lr": -1.0}}],
+     "rows[1].overrides.train.lr"),
+    ([{"method": "dist.yaml", "category": "a", "overrides": {"train.distill_from": {"best_of": "b"}}},
+      {"method": "dist.yaml", "category": "b", "overrides": {"train.distill_from": {"best_of": "a"}}}],
+     "rows[0].overrides"),
+])
+def test_bad_staged_rows_name_the_field(tmp_path, rows, path):
+    _staged_presets(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_sweep(_write(tmp_path, {"name": "g", "strategy": "grid", "rows": rows}))
+    assert info.value.path == path, info.value
+    if path == "rows[0].overrides":
+        assert info.value.value == "a -> b -> a"
+
+
+def test_pick_best_by_metric_and_refuses_a_row_without_finished_runs():
+    from raymoe.tune.stages import BestOf, pick_best
+
+    def trial(index, category, status, error, checkpoint="ck"):
+        return {"category": category, "index": index, "status": status, "metrics": {"train_error": error},
+                "checkpoint": checkpoint}
+
+    runs = [trial(0, "att", "TERMINATED", 0.3), trial(1, "att", "ERROR", 0.01), trial(2, "att", "TERMINATED", 0.2),
+            trial(3, "att", "TERMINATED", 0.2), trial(4, "other", "TERMINATED", 0.0),
+            trial(5, "att", "TERMINATED", 0.1, checkpoint=None), trial(6, "att", "TERMINATED", float("nan"))]
+    assert pick_best(runs, BestOf(best_of="att"), "w")["index"] == 2  # lowest finished, the earlier of a tie
+    assert pick_best(runs, BestOf(best_of="att", mode="max"), "w")["index"] == 0
+    with pytest.raises(ConfigError) as info:
+        pick_best(runs[:2], BestOf(best_of="other"), "rows[1].overrides.train.distill_from")
+    assert info.value.path == "rows[1].overrides.train.distill_from.best_of"

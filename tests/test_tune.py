@@ -118,6 +118,54 @@ def test_grid_sweep_end_to_end(tmp_path, tiny_fmnist_root, ray_address, capsys):
     assert (out / "trials.csv").read_text().count("\n") == 1 + 2
 
 
+def test_staged_grid_distills_from_the_best_run_of_another_row(tmp_path, tiny_fmnist_root, ray_address):
+    """A distilled row takes train.distill_from from the attentive row's run with the lowest training error
+    (found by the driver when stage 1 starts, not typed by hand); a resume of the finished sweep restores both
+    stages and runs nothing again; a dependency that left no finished run stops the sweep before its dependants
+    start, with the field named and the parent FAILED."""
+    from raymoe.config.errors import ConfigError
+
+    _preset(tmp_path, "att", tiny_fmnist_root, gate={"kind": "attentive"}, train={"epochs": 1})
+    _preset(tmp_path, "dist", tiny_fmnist_root, train={"epochs": 1, "distill_from": "SET-ME"})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    raw = {"name": "t_staged", "strategy": "grid", "seeds": 2, "max_concurrent_trials": 2, "metric": "train_error",
+           "rows": [{"method": "dist.yaml", "overrides": {"train.distill_from": {"best_of": "att"}}},
+                    {"method": "att.yaml"}],
+           "tracking": {"uri": uri, "experiment": "t-staged"}}
+    sweep_file = tmp_path / "staged.yaml"
+    sweep_file.write_text(yaml.safe_dump(raw))
+    storage = tmp_path / "sweeps"
+    outcome = run_sweep(load_sweep(sweep_file), storage_root=storage, report_dir=tmp_path / "report", shutdown=False)
+    assert not outcome.interrupted and len(outcome.trials) == 4 and outcome.num_errors == 0
+    client = _client(uri)
+    children = _children(client, outcome.parent_run_id)
+    att = [c for c in children if c.data.tags["raymoe.category"] == "att"]
+    dist = [c for c in children if c.data.tags["raymoe.category"] == "dist"]
+    assert len(att) == 2 and len(dist) == 2 and all(c.info.status == "FINISHED" for c in children)
+    best = min(att, key=lambda c: (c.data.metrics["train_error"], int(c.data.tags["raymoe.trial_index"])))
+    sources = {c.data.params["train.distill_from"] for c in dist}
+    assert len(sources) == 1
+    (source,) = sources
+    assert Path(source).is_dir() and best.data.tags["raymoe.trial_id"] in source  # that trial's own checkpoint
+    assert all(d.info.start_time >= max(a.info.end_time for a in att) for d in dist)  # stage 1 after stage 0
+    assert {r["category"] for r in outcome.report.paper_table} == {"att", "dist"}
+
+    again = run_sweep(load_sweep(sweep_file), resume=True, storage_root=storage, report_dir=tmp_path / "r2",
+                      shutdown=False)
+    assert sorted(again.trials) == sorted(outcome.trials)
+    assert len(_children(client, outcome.parent_run_id)) == 4
+
+    _preset(tmp_path, "att", tiny_fmnist_root, gate={"kind": "attentive"}, train={"epochs": 1, "lr": 1e30})
+    sweep_file.write_text(yaml.safe_dump(dict(raw, name="t_staged_fail", seeds=1)))
+    with pytest.raises(ConfigError) as info:
+        run_sweep(load_sweep(sweep_file), storage_root=storage, shutdown=False)
+    assert info.value.path == "rows[0].overrides.train.distill_from.best_of" and info.value.value == "att"
+    parent = client.search_runs([client.get_experiment_by_name("t-staged").experiment_id],
+                                filter_string="tags.`raymoe.sweep` = 't_staged_fail' and tags.`raymoe.role` = 'sweep'")
+    assert [p.info.status for p in parent] == ["FAILED"]
+    assert not (storage / "t_staged_fail" / "stage-1").exists()
+
+
 def test_paper_table_from_hand_made_runs(tmp_path):
     """The report on a hand-filled MLflow store: per category the FINISHED run with the lowest TRAINING error
     (not the lowest test error), the std of test error over the whole category (ddof 1), mean +- std per point."""

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trials at once (default: the file's max_concurrent_trials, else what the cluster fits)")
     parser.add_argument("--storage", default=None, help="folder of sweeps (default ./ray_results/sweeps)")
     parser.add_argument("--check", action="store_true", help="only check the sweep file and print the plan")
+    parser.add_argument("--quick", action="store_true",
+                        help="grid sweeps: one seed per row at the presets' values (sweep <name>-quick)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,17 +30,23 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.tune.report import format_report
     from raymoe.tune.sweep_load import load_sweep
 
-    sweep = load_sweep(args.sweep, args.overrides, name=args.name)
+    sweep = load_sweep(args.sweep, args.overrides, name=args.name, quick=args.quick)
     storage = args.storage or DEFAULT_STORAGE
     if args.check:
         print(f"sweep {sweep.name} is valid: strategy {sweep.config.strategy}, {sweep.num_trials} trial(s); "
               f"would run in {sweep_dir_for(sweep.name, storage)}")
+        stages = sorted({p.stage for p in sweep.points})
+        if len(stages) > 1:
+            for stage in stages:
+                rows = list(dict.fromkeys(p.category for p in sweep.points if p.stage == stage))
+                print(f"  stage {stage}: {', '.join(rows)}")
         return 0
     outcome = run_sweep(sweep, resume=args.resume, address=args.address, storage_root=storage,
                         max_concurrent=args.max_concurrent)
     if outcome.interrupted:
         print(f"raymoe tune: sweep {sweep.name} interrupted; finish it with:\n"
-              f"  raymoe tune {args.sweep} --resume" + (f" --name {args.name}" if args.name else ""))
+              f"  raymoe tune {args.sweep} --resume" + (f" --name {args.name}" if args.name else "")
+              + (" --quick" if args.quick else ""))
         return 130
     print(format_report(outcome.report))
     print(f"\nMLflow UI: raymoe ui --uri {outcome.tracking_uri}   (parent run {outcome.parent_run_id})")

@@ -50,10 +50,12 @@ def sweep_dir_for(name: str, storage_root: str | os.PathLike = DEFAULT_STORAGE) 
 def tracking_target(sweep: Sweep) -> tuple[str, str]:
     """(absolute tracking URI, experiment) every trial logs to; grid rows must agree."""
     raws = [sweep.base_raw] if sweep.base_raw is not None else list(sweep.row_raws.values())
-    from raymoe.config.load import load_experiment
+    from raymoe.config.load import from_dict
+    from raymoe.config.schema import TrackingConfig
 
-    targets = {(absolute_tracking_uri(c.tracking.uri), c.tracking.experiment)
-               for c in (load_experiment(raw=raw) for raw in raws)}
+    # only the tracking section: the rest of each row was checked by load_sweep (with the row's own overrides)
+    tracked = (from_dict(TrackingConfig, raw.get("tracking") or {}, "tracking") for raw in raws)
+    targets = {(absolute_tracking_uri(t.uri), t.experiment) for t in tracked}
     if len(targets) > 1:
         raise ConfigError("tracking", sorted(targets), "the grid's presets log to different tracking stores; set "
                                                        "tracking.uri and tracking.experiment in the sweep file")
@@ -161,13 +163,13 @@ def _tune_config(sweep: Sweep, concurrency: int):
                                max_concurrent_trials=concurrency, reuse_actors=True, **names)
 
 
-def _param_space(sweep: Sweep) -> dict[str, Any]:
+def _param_space(sweep: Sweep, points: list) -> dict[str, Any]:
     import ray.tune
 
     from raymoe.tune.searcher import POINT_KEY
 
     if sweep.config.strategy == "grid":
-        return {POINT_KEY: ray.tune.grid_search([p.as_config() for p in sweep.points])}
+        return {POINT_KEY: ray.tune.grid_search([p.as_config() for p in points])}
     return {}
 
 
@@ -234,22 +236,15 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
         print(f"raymoe tune: sweep {sweep.name}: {sweep.num_trials} trial(s), up to {concurrency} at once; "
               f"MLflow parent run {parent.run_id} in {uri} (experiment {experiment!r})", flush=True)
         fit_start = time.perf_counter()
-        if resume:
-            tuner = ray.tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
-                                           resume_errored=True)
-        else:
-            tuner = ray.tune.Tuner(
-                trainable, param_space=_param_space(sweep), tune_config=_tune_config(sweep, concurrency),
-                run_config=ray.tune.RunConfig(
-                    name=sweep.name, storage_path=str(sweep_dir.parent), verbose=1,
-                    failure_config=ray.tune.FailureConfig(max_failures=sweep.config.max_failures, fail_fast=False)))
-        results = tuner.fit()
+        try:
+            trials, interrupted = _fit_stages(sweep, sweep_dir, trainable, concurrency, resume)
+        except ConfigError as exc:  # a best_of row whose dependency produced no usable run: later stages not started
+            mlflow_sweep.finish_parent(parent, "FAILED", {"raymoe.failure": str(exc)})
+            raise
         timings["fit_s"] = time.perf_counter() - fit_start
-        trials = _trial_states(results)
         outcome = SweepOutcome(sweep.name, str(sweep_dir), parent.run_id, uri, experiment, trials=trials,
                                timings=timings)
-        unfinished = [t for t in trials if t[1] not in ("TERMINATED", "ERROR")]
-        if unfinished or len(trials) < sweep.num_trials:
+        if interrupted or len(trials) < sweep.num_trials:
             outcome.interrupted = True
             mlflow_sweep.finish_parent(parent, "KILLED", {"raymoe.interrupted": "true"})
             return outcome
@@ -267,6 +262,81 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     finally:
         if started and shutdown:
             ray.shutdown()
+
+
+def stage_dir_for(sweep_dir: Path, stage: int) -> Path:
+    """Tune experiment folder of one stage: the sweep folder itself for stage 0 (every sweep without best_of)."""
+    return sweep_dir if stage == 0 else sweep_dir / f"stage-{stage}"
+
+
+def _fit_stages(sweep: Sweep, sweep_dir: Path, trainable, concurrency: int,
+                resume: bool) -> tuple[list[tuple[str, str, str | None]], bool]:
+    """Run the sweep's stages in order (one Tune experiment each); returns (trial states, interrupted).
+
+    A grid row with a best_of setting gets it here, from the trials of earlier stages (raymoe.tune.stages)."""
+    import ray.tune
+
+    trials: list[tuple[str, str, str | None]] = []
+    finished: list[dict[str, Any]] = []  # earlier stages' trials, for best_of
+    stages = sorted({p.stage for p in sweep.points}) if sweep.config.strategy == "grid" else [0]
+    for stage in stages:
+        stage_dir = stage_dir_for(sweep_dir, stage)
+        if resume and ray.tune.Tuner.can_restore(str(stage_dir)):
+            tuner = ray.tune.Tuner.restore(str(stage_dir), trainable=trainable, resume_unfinished=True,
+                                           resume_errored=True)
+        else:
+            points = [p for p in sweep.points if p.stage == stage]
+            if stage > 0:
+                points = _resolve_references(sweep, points, finished)
+                print(f"raymoe tune: stage {stage}: {len(points)} trial(s) of "
+                      f"{sorted({p.category for p in points})}", flush=True)
+            tuner = ray.tune.Tuner(
+                trainable, param_space=_param_space(sweep, points), tune_config=_tune_config(sweep, concurrency),
+                run_config=ray.tune.RunConfig(
+                    name=stage_dir.name, storage_path=str(stage_dir.parent), verbose=1,
+                    failure_config=ray.tune.FailureConfig(max_failures=sweep.config.max_failures, fail_fast=False)))
+        results = tuner.fit()
+        states = _trial_states(results)
+        trials.extend(states)
+        if any(status not in ("TERMINATED", "ERROR") for _, status, _ in states):
+            return trials, True
+        finished.extend(_finished_trials(results))
+    return trials, False
+
+
+def _finished_trials(results) -> list[dict[str, Any]]:
+    """category, index, status, last metrics and checkpoint folder of every trial of one stage."""
+    from raymoe.tune.searcher import POINT_KEY
+
+    out = []
+    for trial in results._experiment_analysis.trials:  # ResultGrid has no public per-trial status
+        point = trial.config.get(POINT_KEY, {})
+        metrics = trial.last_result or {}
+        checkpoint = trial.checkpoint.path if trial.checkpoint is not None else metrics.get("checkpoint_path")
+        out.append({"category": point.get("category"), "index": point.get("index", 0), "status": trial.status,
+                    "metrics": metrics, "checkpoint": checkpoint})
+    return out
+
+
+def _resolve_references(sweep: Sweep, points: list, finished: list[dict[str, Any]]) -> list:
+    """The stage's grid points with every best_of setting replaced by the picked run's value (an absolute path)."""
+    from dataclasses import replace
+
+    from raymoe.tune.stages import BestOf, is_reference, pick_best
+
+    from raymoe.tune.grid import row_category
+
+    rows = {row_category(r): i for i, r in enumerate(sweep.config.rows)}
+    out = []
+    for point in points:
+        fixed = dict(point.fixed)
+        for key, value in point.fixed.items():
+            if is_reference(value):
+                ref = BestOf(**value)
+                best = pick_best(finished, ref, f"rows[{rows[point.category]}].overrides.{key}")
+                fixed[key] = os.path.abspath(best["checkpoint"])
+        out.append(replace(point, fixed=fixed))
+    return out
 
 
 def _trainable(plan, run_trial, resources):

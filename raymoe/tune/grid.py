@@ -19,6 +19,8 @@ class GridPoint:
     overrides: dict[str, Any] = field(default_factory=dict)  # this point's grid values
     seed: int = 0
     index: int = 0  # position in the whole grid (the report's trial order)
+    fixed: dict[str, Any] = field(default_factory=dict)  # the row's own overrides (not part of the label)
+    stage: int = 0  # rows run in dependency order (raymoe.tune.stages)
 
     @property
     def label(self) -> str:
@@ -28,7 +30,8 @@ class GridPoint:
 
     def as_config(self) -> dict[str, Any]:
         return {"category": self.category, "method": self.method, "overrides": dict(self.overrides),
-                "seed": self.seed, "label": self.label, "index": self.index}
+                "seed": self.seed, "label": self.label, "index": self.index, "fixed": dict(self.fixed),
+                "stage": self.stage}
 
 
 def row_category(row: GridRow) -> str:
@@ -42,13 +45,17 @@ def expand_row(row: GridRow) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in combos]
 
 
-def expand_grid(rows: list[GridRow], seeds: list[int], sweep_dir: Path) -> list[GridPoint]:
-    """All trials: for each row, each grid point, each seed (seed innermost, so a point's seeds run together)."""
+def expand_grid(rows: list[GridRow], seeds: list[int], sweep_dir: Path,
+                stages: dict[str, int] | None = None) -> list[GridPoint]:
+    """All trials: for each row, each grid point, each seed (seed innermost, so a point's seeds run together).
+    stages: category -> stage (default all 0)."""
     points = []
     for row in rows:
         method = str((Path(sweep_dir) / row.method).resolve())
+        category = row_category(row)
+        stage = (stages or {}).get(category, 0)
         for overrides in expand_row(row):
             start = len(points)
-            points.extend([GridPoint(row_category(row), method, overrides, seed, start + i)
+            points.extend([GridPoint(category, method, overrides, seed, start + i, dict(row.overrides), stage)
                            for i, seed in enumerate(seeds)])
     return points

@@ -24,6 +24,7 @@ from raymoe.config.errors import ConfigError
 from raymoe.config.load import apply_overrides, flatten, from_dict, load_experiment, read_yaml, to_dict
 from raymoe.config.schema import ExperimentConfig
 from raymoe.tune.grid import GridPoint, expand_grid, expand_row, row_category
+from raymoe.tune.stages import is_reference, parse_reference, stage_numbers
 from raymoe.tune.sweep_schema import LOOP_METRICS, ParamSpec, SweepConfig
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -49,7 +50,8 @@ class Sweep:
     @property
     def digest(self) -> str:
         """Fingerprint of the definition (file text, name, extra overrides): a resume must use the same one."""
-        blob = json.dumps({"text": self.text, "name": self.name, "overrides": self.config.overrides},
+        blob = json.dumps({"text": self.text, "name": self.name, "overrides": self.config.overrides,
+                           "seeds": self.config.seed_list, "grids": [row.grid for row in self.config.rows]},
                           sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -67,7 +69,7 @@ class Sweep:
 
 
 def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] = (),
-               raw: dict[str, Any] | None = None, name: str | None = None) -> Sweep:
+               raw: dict[str, Any] | None = None, name: str | None = None, quick: bool = False) -> Sweep:
     """Read and check a sweep file.
 
     Args:
@@ -75,6 +77,8 @@ def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dic
         overrides: extra experiment overrides (`--set a.b=v`), applied after the file's `overrides:`.
         raw: an inline sweep mapping instead of a file (relative paths resolve against the cwd).
         name: replaces the sweep's `name`.
+        quick: a grid's quick reproduction: one seed per row at the row's preset values (no grid lists), named
+            `<name>-quick` unless `name` is given (docs/methodology.md).
 
     Raises:
         ConfigError: naming the sweep field path (e.g. `space.train.lr.low`) and the bad value.
@@ -101,6 +105,13 @@ def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dic
         raw["name"] = name
     extra = _override_dict(overrides)
     cfg = from_dict(SweepConfig, raw)
+    if quick:
+        _require(cfg.strategy == "grid", "--quick", cfg.strategy, "quick mode is for grid sweeps (the paper tables)")
+        cfg.seeds = cfg.seed_list[:1]
+        for row in cfg.rows:
+            row.grid = {}
+        if name is None:
+            cfg.name = f"{cfg.name}-quick"
     cfg.overrides = {**cfg.overrides, **extra}
     _check_top_level(cfg)
     sweep_path = str(path) if path is not None else None
@@ -340,29 +351,51 @@ def _check_extremes(key: str, spec: ParamSpec, earlier: dict[str, ParamSpec], ba
 
 def _load_grid(cfg: SweepConfig, folder: Path, path: str | None, text: str) -> Sweep:
     fixed = _fixed_overrides(cfg)
+    categories = [row_category(row) for row in cfg.rows]
+    dupes = sorted({c for c in categories if categories.count(c) > 1})
+    _require(not dupes, "rows", dupes, "two rows share a category; set rows[].category to tell them apart")
     row_raws: dict[str, dict[str, Any]] = {}
-    for i, row in enumerate(cfg.rows):
+    depends: dict[str, set[str]] = {}
+    where_of: dict[str, str] = {}
+    for i, (row, category) in enumerate(zip(cfg.rows, categories)):
         where = f"rows[{i}]"
         method = (folder / row.method).resolve()
         _require(method.is_file(), f"{where}.method", row.method, f"preset file not found ({method})")
         raw = read_yaml(method, f"{where}.method")
-        raw, _ = _resolve_experiment(raw, fixed, f"{where}.method")
+        try:
+            raw = apply_overrides(raw, fixed)
+        except ConfigError as exc:
+            raise ConfigError(f"overrides.{exc.path}", exc.value, exc.problem) from None
         for key, values in row.grid.items():
             _require(isinstance(values, list) and len(values) > 0, f"{where}.grid.{key}", values,
                      "give a non-empty list of values")
-            try:
-                apply_overrides(raw, {key: None})
-            except ConfigError as exc:
-                raise ConfigError(f"{where}.grid.{key}", key, f"not an experiment setting ({exc.problem})") from None
+            _require_setting(raw, key, f"{where}.grid.{key}")
+        # a best_of setting is only known when the row's stage starts: check the row without it (null) now
+        row_fixed, refs = {}, set()
+        for key, value in row.overrides.items():
+            _require_setting(raw, key, f"{where}.overrides.{key}")
+            _require(key not in row.grid, f"{where}.overrides.{key}", value, "also listed in this row's grid")
+            if is_reference(value):
+                refs.add(parse_reference(value, f"{where}.overrides.{key}", key, categories, category).best_of)
+                value = None
+            row_fixed[key] = value
+        depends[category], where_of[category] = refs, f"{where}.overrides"
         for point in expand_row(row):  # a grid is finite: check every point exactly as the trial will
             try:
-                load_experiment(raw=raw, overrides={**point, "seed": cfg.seed_list[0]})
+                load_experiment(raw=raw, overrides={**row_fixed, **point, "seed": cfg.seed_list[0]})
             except ConfigError as exc:
-                label = f"{where}.grid.{exc.path}" if exc.path in point else f"{where}.method.{exc.path}"
+                label = (f"{where}.grid.{exc.path}" if exc.path in point else f"{where}.overrides.{exc.path}"
+                         if exc.path in row_fixed else f"overrides.{exc.path}" if exc.path in fixed
+                         else f"{where}.method.{exc.path}")
                 raise ConfigError(label, exc.value, f"{exc.problem} (grid point {point})") from None
         row_raws[str(method)] = raw
-    categories = [row_category(row) for row in cfg.rows]
-    dupes = sorted({c for c in categories if categories.count(c) > 1})
-    _require(not dupes, "rows", dupes, "two rows share a category; set rows[].category to tell them apart")
-    points = expand_grid(cfg.rows, cfg.seed_list, folder)
+    stages = stage_numbers(depends, where_of)
+    points = expand_grid(cfg.rows, cfg.seed_list, folder, stages)
     return Sweep(config=cfg, path=path, text=text, base_raw=None, base=None, row_raws=row_raws, points=points)
+
+
+def _require_setting(raw: dict, key: str, where: str) -> None:
+    try:
+        apply_overrides(raw, {key: None})
+    except ConfigError as exc:
+        raise ConfigError(where, key, f"not an experiment setting ({exc.problem})") from None

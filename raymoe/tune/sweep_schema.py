@@ -44,6 +44,9 @@ class GridRow:
     method: str  # a preset experiment file, relative to the sweep file (tune_configs/paper/<ds>/*.yaml)
     grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted config path -> values (cartesian product)
     category: str | None = None  # table row label; None = the preset file's stem
+    # dotted path -> value for this row only; a value {best_of: ROW, by: METRIC} is taken from ROW's best finished
+    # run when this row's stage starts (raymoe.tune.stages)
+    overrides: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True, slots=True)

@@ -63,7 +63,7 @@ def resolve_trial(config: dict[str, Any], plan: TrialPlan) -> tuple[dict, dict[s
     if plan.strategy == "grid":
         point = config[POINT_KEY]
         raw = plan.row_raws[point["method"]]
-        overrides = {**point["overrides"], "seed": point["seed"]}
+        overrides = {**point.get("fixed", {}), **point["overrides"], "seed": point["seed"]}
         tags = {POINT_TAG: point["label"], SEED_TAG: str(point["seed"]), CATEGORY_TAG: point["category"],
                 PARAMS_TAG: json.dumps(point["overrides"], sort_keys=True, default=str)}
         return raw, overrides, tags
