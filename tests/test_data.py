@@ -256,13 +256,37 @@ def test_corrupt_cifar_batch_names_the_file(tmp_path, monkeypatch, no_system_cop
 
 @pytest.mark.skipif(not REAL_FMNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_real_fashion_mnist_from_the_system_copy(tmp_path):
-    data = load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path / "empty"), download=False), CPU)
+    data = load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path / "empty"), download=False,
+                                   val_fraction=None), CPU)
     assert data.source == f"Fashion-MNIST from system copy {REAL_FMNIST}"
     assert data.train.x.shape == (60_000, 1, 28, 28) and data.test.x.shape == (10_000, 1, 28, 28)
+    assert data.val is None  # the paper's protocol: every training image is trained on
     assert torch.equal(torch.bincount(data.train.y, minlength=10), torch.full((10,), 6000))
     assert torch.equal(torch.bincount(data.test.y, minlength=10), torch.full((10,), 1000))
     # The paper's constants are the training set's own statistics (to the digits given).
     assert abs(data.train.x.mean().item()) < 2e-3 and abs(data.train.x.std().item() - 1) < 2e-3
+
+    held = load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path / "empty"), download=False), CPU)
+    assert torch.equal(torch.bincount(held.train.y, minlength=10), torch.full((10,), 5400))  # 10%, every class
+    assert torch.equal(torch.bincount(held.val.y, minlength=10), torch.full((10,), 600))
+    assert torch.equal(held.test.x, data.test.x)  # the test set is never touched
+    # train + val are exactly the training images, each once (compare as sets of rows)
+    rows = lambda x: sorted(map(bytes, x.flatten(1).numpy().view("uint8").reshape(len(x), -1)))  # noqa: E731
+    assert rows(torch.cat([held.train.x, held.val.x])) == rows(data.train.x)
+
+
+def test_stratified_holdout_by_brute_force():
+    from raymoe.data.datasets import stratified_holdout
+
+    y = torch.tensor([0] * 7 + [1] * 20 + [2] * 3 + [0] * 3)
+    torch.manual_seed(1)
+    keep, held = stratified_holdout(y, 0.3)
+    torch.manual_seed(2)  # the draw ignores the global seed (every run shares one validation split)
+    keep2, held2 = stratified_holdout(y, 0.3)
+    assert torch.equal(held, held2) and torch.equal(keep, keep2)
+    assert sorted(keep.tolist() + held.tolist()) == list(range(len(y)))  # disjoint and complete
+    for c, n in ((0, 10), (1, 20), (2, 3)):
+        assert int((y[held] == c).sum()) == round(0.3 * n)
 
 
 # ---------------------------------------------------------------- batching and augmentation

@@ -32,7 +32,7 @@ SPACE = {
 
 def _sweep(**changes) -> dict:
     raw = {"name": "s", "base": {"name": "b", "train": {"epochs": 2}}, "space": dict(SPACE),
-           "metric": "test_error", "mode": "min", "num_samples": 4}
+           "metric": "val_error", "mode": "min", "num_samples": 4}
     raw.update(changes)
     return raw
 
@@ -60,6 +60,11 @@ def test_base_as_relative_path_and_overrides(tmp_path):
     assert sweep.num_trials == 4 * 2
 
 
+def test_test_objective_only_when_asked():
+    assert load_sweep(raw=_sweep(metric="test_error", allow_test_objective=True)).config.metrics == ["test_error"]
+    assert load_sweep(raw=_sweep()).config.metrics == ["val_error"]
+
+
 @pytest.mark.parametrize(
     "changes, path",
     [
@@ -79,8 +84,13 @@ def test_base_as_relative_path_and_overrides(tmp_path):
                     "gate.top_k": {"type": "int", "low": 1, "high": 2, "when": {"gate.kind": "softmax"}}}},
          "space.gate.top_k.when.gate.kind"),                                           # condition can never hold
         ({"metric": "accuracy"}, "metric"),
-        ({"metric": ["test_error", "mi_pred_bits"], "mode": "min"}, "mode"),
-        ({"metric": ["test_error", "mi_pred_bits"], "mode": ["min", "max"],
+        ({"metric": "test_error"}, "metric"),                                          # selects on the test set
+        ({"metric": ["val_error", "test_loss"], "mode": ["min", "min"]}, "metric"),
+        ({"base": {"name": "b", "data": {"val_fraction": None}}}, "metric"),           # val_error without a val split
+        ({"base": {"name": "b", "data": {"val_fraction": 0.6}}}, "base.data.val_fraction"),
+        ({"base": {"name": "b", "data": {"val_fraction": 0}}}, "base.data.val_fraction"),
+        ({"metric": ["val_error", "mi_pred_bits"], "mode": "min"}, "mode"),
+        ({"metric": ["val_error", "mi_pred_bits"], "mode": ["min", "max"],
           "scheduler": {"asha": {"grace_period": 1}}}, "scheduler.asha"),
         ({"resources": {"num_workers": 0}}, "resources.num_workers"),
         ({"resources": {"gpus_per_worker": 0.5}}, "resources.gpus_per_worker"),       # without use_gpu
@@ -287,7 +297,7 @@ def test_every_metric_a_sweep_may_name_is_one_the_training_loop_reports():
     test, _ = evaluate(TinyMoE(num_experts=4, d_in=6, num_classes=10), [(x, y)], ctx=DistContext(),
                        num_experts=4, num_classes=10)
     result = EpochResult(loss=1.0, error=0.5, samples=32, steps=1, seconds=1.0, data_seconds=0.0, parts={})
-    reported = epoch_metrics(result, image_metric_names(test), eval_seconds=0.1)
+    reported = epoch_metrics(result, image_metric_names(test, test), eval_seconds=0.1)  # with a validation split
     expected = set(LOOP_METRICS) - set(LM_ONLY)
     assert expected <= set(reported), sorted(expected - set(reported))
 

@@ -21,8 +21,8 @@ from raymoe.cli import main
 from raymoe.config.load import load_experiment
 from raymoe.train.identity import run_name
 
-PER_EPOCH = ("train_loss", "train_error", "test_error", "test_loss", "mi_true_bits", "mi_pred_bits",
-             "sample_entropy_bits", "usage_entropy_bits", "importance_cv", "epoch_seconds", "samples_per_s")
+PER_EPOCH = ("train_loss", "train_error", "val_error", "val_loss", "test_error", "test_loss", "mi_true_bits",
+             "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv", "epoch_seconds", "samples_per_s")
 FIGURES = ("figures/expert_class_true.png", "figures/expert_class_pred.png", "figures/expert_usage.png",
            "figures/gate_entropy.png")
 
@@ -70,7 +70,7 @@ def test_train_logs_one_run_resumes_and_fresh_restarts(workdir, tiny_fmnist_root
 
     assert main(["train", str(config), "--set", "train.progress=true"]) == 0
     out = capsys.readouterr().out
-    assert "resuming" not in out and "test error" in out and "raymoe ui" in out
+    assert "resuming" not in out and "val error" in out and "test error" in out and "raymoe ui" in out
     (run,) = _runs(client)
     assert run.info.status == "FINISHED" and run.data.tags["raymoe.run_name"] == name
     assert run.info.run_id in out

@@ -204,6 +204,13 @@ def test_paper_table_from_hand_made_runs(tmp_path):
     assert table["orig"]["test_error_std"] == pytest.approx(math.sqrt(((0.2 - 0.3) ** 2 + (0.4 - 0.3) ** 2) / 1))
     assert table["imp"]["run"] == "h-5" and table["imp"]["n_runs"] == 3
     assert table["imp"]["test_error_std"] == pytest.approx(statistics.stdev([0.30, 0.10, 0.60]))
+    # over the seeds of the selected point only (imp[w=0.4]: its FINISHED seed 1), and for orig both seeds
+    assert table["imp"]["n_seeds"] == 1 and table["imp"]["test_error_mean"] == pytest.approx(0.60)
+    assert math.isnan(table["imp"]["test_error_ci_lo"])  # one seed: no interval
+    assert table["orig"]["test_error_mean"] == pytest.approx(0.30) and table["orig"]["test_error_seeds"] == "0.2;0.4"
+    # two seeds: the bootstrap means are 0.2, 0.3 or 0.4 (p = 1/4, 1/2, 1/4): the 95% interval is [0.2, 0.4]
+    assert (table["orig"]["test_error_ci_lo"], table["orig"]["test_error_ci_hi"]) == pytest.approx((0.2, 0.4))
+    assert (tmp_path / "out" / "seeds_by_row.png").stat().st_size > 10_000
     seeds = {row["point"]: row for row in report.seed_table}
     assert seeds["imp[w=0.2]"]["test_error_mean"] == pytest.approx(0.20)
     assert seeds["imp[w=0.2]"]["test_error_std"] == pytest.approx(math.sqrt(0.02))

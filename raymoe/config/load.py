@@ -208,6 +208,8 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     for key in ("train_limit", "test_limit"):
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key}", value, "must be >= 1 (or null for all)")
+    _require(d.val_fraction is None or 0 < d.val_fraction <= 0.5, "data.val_fraction", d.val_fraction,
+             "must be in (0, 0.5], or null to train on the whole training set (the paper's protocol)")
     _require(m.num_experts >= 1, "model.num_experts", m.num_experts, "must be >= 1")
     _require(m.hidden_size is None or m.hidden_size >= 1, "model.hidden_size", m.hidden_size, "must be >= 1")
     _require(0 < m.log_eps < 1e-2, "model.log_eps", m.log_eps, "must be in (0, 0.01)")

@@ -42,6 +42,9 @@ class DataConfig:
     train_limit: int | None = None  # first N training samples only (quick runs); text: first N tokens
     test_limit: int | None = None  # first N test samples only; text: first N tokens
     augment: bool | None = None  # flip + reflect-pad-4 crop on whole batches; None = on for cifar100 only (paper)
+    # image data: share of the training set held out for validation (stratified by class, fixed draw, never the
+    # test set); null = the paper's protocol, train on all of it (docs/methodology.md). Text: data.text's val split.
+    val_fraction: float | None = 0.1
     download: bool = True  # last resort after data.root and the system copy
     text: TextDataConfig = field(default_factory=TextDataConfig)  # data.name text only
 

@@ -35,6 +35,7 @@ class DeviceDataset:
     name: str  # config data.name
     train: Split
     test: Split
+    val: Split | None  # held out of the training files (data.val_fraction); None = the paper's protocol
     num_classes: int
     in_channels: int
     image_size: int
@@ -49,6 +50,25 @@ def normalize(x_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...
     mean_C = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     std_C = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
     return x.sub_(mean_C).div_(std_C)
+
+
+VAL_SPLIT_SEED = 20230101  # one draw for every run and seed: runs are compared on the same validation images
+
+
+def stratified_holdout(y: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train indices, validation indices), both sorted: round(fraction * n_c) random samples of each class c.
+
+    The draw depends only on the labels and VAL_SPLIT_SEED, never on the run's seed."""
+    generator = torch.Generator().manual_seed(VAL_SPLIT_SEED)
+    held = []
+    for c in torch.unique(y).tolist():
+        members = torch.nonzero(y == c).flatten()
+        take = int(round(fraction * len(members)))
+        held.append(members[torch.randperm(len(members), generator=generator)[:take]])
+    held_i = torch.sort(torch.cat(held)).values
+    mask = torch.ones(len(y), dtype=torch.bool)
+    mask[held_i] = False
+    return torch.nonzero(mask).flatten(), held_i
 
 
 def load_dataset(cfg, device: torch.device) -> DeviceDataset:
@@ -73,7 +93,14 @@ def load_dataset(cfg, device: torch.device) -> DeviceDataset:
                 x_u8, y = x_u8[:limit], y[:limit]
             splits[split] = Split(normalize(x_u8, info.mean, info.std, device), y.to(device))
     augment = cfg.augment if cfg.augment is not None else cfg.name in AUGMENTED_BY_DEFAULT
-    return DeviceDataset(name=cfg.name, train=splits["train"], test=splits["test"], num_classes=info.num_classes,
+    val = None
+    if cfg.val_fraction is not None:
+        train = splits["train"]
+        keep, held = stratified_holdout(train.y.cpu(), cfg.val_fraction)
+        keep, held = keep.to(train.y.device), held.to(train.y.device)
+        splits["train"], val = Split(train.x[keep], train.y[keep]), Split(train.x[held], train.y[held])
+    return DeviceDataset(name=cfg.name, train=splits["train"], test=splits["test"], val=val,
+                         num_classes=info.num_classes,
                          in_channels=info.in_channels, image_size=info.image_size,
                          source=f"{info.title} from {located.description}", augment=augment)
 

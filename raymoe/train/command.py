@@ -43,11 +43,12 @@ def summary(metrics: dict, run_id: str | None, uri: str) -> str:
         value = metrics.get(key)
         return "n/a" if value is None or not isinstance(value, (int, float)) or math.isnan(value) else f"{value:.4f}"
 
-    if "val_loss" in metrics:
+    if "val_bits_per_byte" in metrics:  # language model
         lines = [f"val loss {f('val_loss')} | bits per byte {f('val_bits_per_byte')} | test loss {f('test_loss')} | "
                  f"H_u {f('usage_entropy_bits')} bits | I(E; next token) {f('mi_next_token_bits')} bits"]
     else:
-        lines = [f"test error {f('test_error')} | I(E;Y) {f('mi_pred_bits')} bits (true labels "
+        lines = [(f"val error {f('val_error')} | " if "val_error" in metrics else "") +
+                 f"test error {f('test_error')} | I(E;Y) {f('mi_pred_bits')} bits (true labels "
                  f"{f('mi_true_bits')}) | H_s {f('sample_entropy_bits')} bits | H_u {f('usage_entropy_bits')} bits"]
     if run_id:
         lines.append(f"MLflow run {run_id} in {uri}")

@@ -183,11 +183,12 @@ def _summary_line(progress: str, m: dict[str, float]) -> str:
         value = m.get(key, math.nan)
         return f"{value:.4f}"
 
-    if "val_loss" in m:  # language model
+    if "val_bits_per_byte" in m:  # language model (image runs report val_loss too)
         return (f"{progress}: train loss {f('train_loss')} | val loss {f('val_loss')} ppl {m['val_perplexity']:.2f} "
                 f"bpb {f('val_bits_per_byte')} | H_u {f('usage_entropy_bits')} | {m.get('targets_per_s', 0):.0f} "
                 f"tokens/s")
-    return (f"{progress}: train loss {f('train_loss')} err {f('train_error')} | test err "
+    val = f" | val err {f('val_error')}" if "val_error" in m else ""
+    return (f"{progress}: train loss {f('train_loss')} err {f('train_error')}{val} | test err "
             f"{f('test_error')} I(E;Y) {f('mi_pred_bits')} H_s {f('sample_entropy_bits')} "
             f"H_u {f('usage_entropy_bits')} | {m.get('samples_per_s', 0):.0f} samples/s")
 

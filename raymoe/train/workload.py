@@ -57,16 +57,21 @@ class ImageWorkload:
                              augment=self.data.augment, rank=self.ctx.rank, world_size=self.ctx.world_size)
 
     def evaluate(self, model: nn.Module, final: bool) -> tuple[dict[str, float], dict]:
-        """Test-set metrics (the paper's protocol) and the matrices for the figures."""
+        """Test-set metrics (the paper's protocol), val_error / val_loss when a validation split is held out, and
+        the matrices for the figures."""
+        test, matrices = self._evaluate(model, self.data.test)
+        val = self._evaluate(model, self.data.val)[0] if self.data.val is not None else None
+        return image_metric_names(test, val), matrices
+
+    def _evaluate(self, model: nn.Module, split) -> tuple[dict[str, float], dict]:
         from raymoe.data.batches import eval_batches
         from raymoe.train.step import evaluate
 
         cfg = self.cfg
-        test, matrices = evaluate(model, eval_batches(self.data.test, cfg.train.eval_batch_size, rank=self.ctx.rank,
-                                                      world_size=self.ctx.world_size),
-                                  ctx=self.ctx, num_experts=cfg.model.num_experts, num_classes=self.data.num_classes,
-                                  bn_eval=cfg.train.bn_eval)
-        return image_metric_names(test), matrices
+        return evaluate(model, eval_batches(split, cfg.train.eval_batch_size, rank=self.ctx.rank,
+                                            world_size=self.ctx.world_size),
+                        ctx=self.ctx, num_experts=cfg.model.num_experts, num_classes=self.data.num_classes,
+                        bn_eval=cfg.train.bn_eval)
 
     def progress(self, interval: int) -> str:
         return f"epoch {interval}/{self.intervals}"
@@ -157,9 +162,13 @@ class TextWorkload:
         return f"step {self.mlflow_step(interval)}/{self.total_steps}"
 
 
-def image_metric_names(test: dict[str, float]) -> dict[str, float]:
-    """Test-set evaluation keys as logged: error and loss become test_error and test_loss."""
-    return {(f"test_{k}" if k in ("error", "loss") else k): v for k, v in test.items()}
+def image_metric_names(test: dict[str, float], val: dict[str, float] | None = None) -> dict[str, float]:
+    """Evaluation keys as logged: error and loss become test_error and test_loss (and val_error, val_loss from the
+    validation split); the specialization metrics are the test set's."""
+    out = {(f"test_{k}" if k in ("error", "loss") else k): v for k, v in test.items()}
+    if val is not None:
+        out.update(val_error=val["error"], val_loss=val["loss"])
+    return out
 
 
 LM_SPLIT_KEYS = ("loss", "perplexity", "bits_per_byte", "error")

@@ -161,6 +161,27 @@ def category_bars(table: list[dict]) -> Figure:
     return fig
 
 
+def seeds_by_category(table: list[dict], metric: str, label: str) -> Figure:
+    """Per category: each seed of the selected point as a dot, their mean and its 95% bootstrap interval as a bar
+    (rows whose intervals overlap are not told apart by these seeds)."""
+    fig = _figure(max(5, 1.1 * len(table) + 2), 4)
+    ax = fig.add_subplot()
+    for i, row in enumerate(table):
+        seeds = [float(v) for v in str(row.get(f"{metric}_seeds", "")).split(";") if v]
+        jitter = np.linspace(-0.12, 0.12, len(seeds)) if len(seeds) > 1 else np.zeros(len(seeds))
+        ax.scatter(i + jitter, seeds, s=14, color="tab:gray", alpha=0.8, zorder=2)
+        mean, lo, hi = row.get(f"{metric}_mean"), row.get(f"{metric}_ci_lo"), row.get(f"{metric}_ci_hi")
+        if _finite(mean):
+            err = [[mean - lo], [hi - mean]] if _finite(lo) and _finite(hi) else None
+            ax.errorbar([i + 0.3], [mean], yerr=err, fmt="o", color="tab:blue", capsize=4, zorder=3)
+    ax.set_xticks(range(len(table)))
+    ax.set_xticklabels([row["category"] for row in table], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(label)
+    ax.set_title(f"{label}: seeds (dots), mean and 95% bootstrap interval (bar)")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
 def curves_by_category(curves: dict[str, list[list[tuple[int, float]]]], metric: str, label: str) -> Figure:
     """One line per category: the mean over its runs of `metric` at each epoch, a band of +- one std, and each
     run as a thin line (e.g. H_u over epochs for the original vs the attentive gate: when a gate collapses)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raymoe.tune.uncertainty import mean_std, summary
 from raymoe.tune.trial import (CATEGORY_TAG, PARAMS_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SWEEP_TAG, TRIAL_ID_TAG,
                                TRIAL_INDEX_TAG)
 
@@ -127,15 +128,9 @@ def best_rows(rows: list[TrialRow], metrics: list[str], modes: list[str]) -> lis
     return [by_index[p["_id"]] for p in front]
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
-
-
 def table_metrics_for(rows: list[TrialRow]) -> tuple[str, ...]:
     """The report's columns: the paper's for image runs, validation loss and bits per byte for language models."""
-    return LM_TABLE_METRICS if any("val_loss" in r.metrics for r in rows) else IMAGE_TABLE_METRICS
+    return LM_TABLE_METRICS if any("val_bits_per_byte" in r.metrics for r in rows) else IMAGE_TABLE_METRICS
 
 
 def seed_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) -> list[dict[str, Any]]:
@@ -150,16 +145,19 @@ def seed_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) -
         if not members[0].category:
             entry["params"] = json.dumps(members[0].params, sort_keys=True)
         for metric in metrics:
-            mean, std = _mean_std([r.metrics[metric] for r in members if _finite(r.metrics.get(metric))])
-            entry[f"{metric}_mean"], entry[f"{metric}_std"] = mean, std
+            stats = summary([r.metrics[metric] for r in members if _finite(r.metrics.get(metric))])
+            entry.update({f"{metric}_mean": stats["mean"], f"{metric}_std": stats["sd"],
+                          f"{metric}_ci_lo": stats["ci_lo"], f"{metric}_ci_hi": stats["ci_hi"]})
         table.append(entry)
     return table
 
 
 def paper_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) -> list[dict[str, Any]]:
     """Per category, the finished run with the lowest training error and the category's test-error std
-    (docs/paper-notes.md §4.5); language models: the lowest validation loss and the std of validation loss. Then
-    every metric's mean and sd over all of the category's finished runs (`<metric>_mean`, `<metric>_sd`)."""
+    (docs/paper-notes.md §4.5); language models: the lowest validation loss and the std of validation loss. Then,
+    over the seeds of the selected grid point (a category's only point when it has no grid), every metric's mean,
+    sd and 95% bootstrap interval (`<metric>_mean`, `_sd`, `_ci_lo`, `_ci_hi`) and the per-seed values
+    (`<metric>_seeds`, for the figure)."""
     select, spread = ("val_loss", "val_loss") if "val_loss" in metrics else ("train_error", "test_error")
     categories: dict[str, list[TrialRow]] = {}
     for row in rows:
@@ -175,10 +173,18 @@ def paper_table(rows: list[TrialRow], metrics: tuple[str, ...] = TABLE_METRICS) 
         table.append({"category": category, "selected": pick.point, "seed": pick.seed, "run": pick.run_name,
                       **{m: pick.metrics.get(m, math.nan) for m in metrics},
                       f"{spread}_std": statistics.stdev(spreads) if len(spreads) > 1 else math.nan,
-                      **{f"{m}_{stat}": value for m in metrics for stat, value in zip(("mean", "sd"), _mean_std(
-                          [r.metrics[m] for r in members if _finite(r.metrics.get(m))]))},
+                      **_seed_stats([r for r in members if r.point == pick.point], metrics),
                       "n_runs": len(members)})
     return table
+
+
+def _seed_stats(runs: list[TrialRow], metrics: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {"n_seeds": len(runs)}
+    for m in metrics:
+        values = [r.metrics[m] for r in runs if _finite(r.metrics.get(m))]
+        out.update({f"{m}_{stat}": value for stat, value in summary(values).items()})
+        out[f"{m}_seeds"] = ";".join(f"{v:.6g}" for v in values)
+    return out
 
 
 def _fmt(value: Any) -> str:
@@ -266,7 +272,9 @@ def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: 
         files.update({"seeds.csv": report.seed_table,
                       "seeds.md": _mean_std_strings(report.seed_table, report.table_metrics)})
     if report.paper_table:
-        files.update({"paper_table.csv": report.paper_table, "paper_table.md": report.paper_table})
+        files.update({"paper_table.csv": report.paper_table,
+                      "paper_table.md": _selection_columns(report.paper_table),
+                      "paper_table_over_seeds.md": _over_seeds(report.paper_table, report.table_metrics)})
     for filename, table in files.items():
         path = out / filename
         if filename.endswith(".csv"):
@@ -281,6 +289,10 @@ def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: 
                "parallel_coordinates.png": plots.parallel_coordinates(points, report.param_names, metrics[0])}
     if len(metrics) > 1:
         figures["pareto_front.png"] = plots.pareto_plot(points, metrics, modes)
+    if report.paper_table:
+        headline = report.table_metrics[0]  # test error, or validation loss for language models
+        figures["seeds_by_row.png"] = plots.seeds_by_category(report.paper_table, headline,
+                                                              SHORT.get(headline, headline))
     if report.paper_table and "test_error" in report.table_metrics:
         figures["paper_table.png"] = plots.category_bars(report.paper_table)
         for metric in CURVE_METRICS:
@@ -323,17 +335,39 @@ def _log_to_parent(client, report: SweepReport, out: Path) -> None:
         _retry(client.set_tag, run_id, key, value)
 
 
+STAT_SUFFIXES = ("_mean", "_std", "_sd", "_ci_lo", "_ci_hi", "_seeds")
+
+
 def _mean_std_strings(table: list[dict[str, Any]],
                       metrics: tuple[str, ...] = TABLE_METRICS) -> list[dict[str, Any]]:
-    """`x_mean`, `x_std` columns -> one `x` column reading `mean ± std`."""
+    """`x_mean`, `x_std` (or `x_sd`), `x_ci_lo`, `x_ci_hi` columns -> one `x` column: `mean ± std [lo, hi]`."""
     out = []
     for row in table:
-        entry = {k: v for k, v in row.items() if not k.endswith(("_mean", "_std"))}
+        entry = {k: v for k, v in row.items() if not _is_stat(k)}
         for metric in metrics:
-            mean, std = row.get(f"{metric}_mean", math.nan), row.get(f"{metric}_std", math.nan)
-            entry[SHORT[metric]] = f"{_fmt(mean)} ± {_fmt(std)}"
+            mean = row.get(f"{metric}_mean", math.nan)
+            std = row.get(f"{metric}_std", row.get(f"{metric}_sd", math.nan))
+            lo, hi = row.get(f"{metric}_ci_lo", math.nan), row.get(f"{metric}_ci_hi", math.nan)
+            interval = f" [{_fmt(lo)}, {_fmt(hi)}]" if _finite(lo) else ""
+            entry[SHORT[metric]] = f"{_fmt(mean)} ± {_fmt(std)}{interval}"
         out.append(entry)
     return out
+
+
+def _selection_columns(table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The paper table without its over-seeds statistics (printed separately)."""
+    return [{k: v for k, v in row.items() if not _is_stat(k) or k.endswith("_std")} for row in table]
+
+
+def _is_stat(key: str) -> bool:
+    """`<metric>_<stat>` columns of the over-seeds statistics (not n_seeds or n_runs)."""
+    return key.endswith(STAT_SUFFIXES) and not key.startswith("n_")
+
+
+def _over_seeds(table: list[dict[str, Any]], metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    rows = _mean_std_strings(table, metrics)
+    return [{"category": r["category"], "n_seeds": r["n_seeds"], **{SHORT[m]: r[SHORT[m]] for m in metrics}}
+            for r in rows]
 
 
 def short_names(names: list[str]) -> dict[str, str]:
@@ -370,10 +404,13 @@ def format_report(report: SweepReport) -> str:
                   text_table(_mean_std_strings(report.seed_table, report.table_metrics))]
     if report.paper_table and "val_loss" in report.table_metrics:
         parts += ["", "per category: the run with the lowest validation loss; std = validation loss over the "
-                      "category:", text_table(report.paper_table)]
+                      "category:", text_table(_selection_columns(report.paper_table))]
     elif report.paper_table:
         parts += ["", "paper table (per category: the run with the lowest training error; std = test error over "
-                      "the category):", text_table(report.paper_table)]
+                      "the category):", text_table(_selection_columns(report.paper_table))]
+    if report.paper_table:
+        parts += ["", "the selected point over its seeds: mean ± std [95% bootstrap interval of the mean]:",
+                  text_table(_over_seeds(report.paper_table, report.table_metrics))]
     if report.files:
         parts += ["", f"files: {Path(report.files[0]).parent}"]
     return "\n".join(parts)

@@ -143,6 +143,10 @@ def _check_top_level(cfg: SweepConfig) -> None:
         _require(metric in LOOP_METRICS, where, metric,
                  f"unknown metric; the training loop reports {list(LOOP_METRICS)}")
     _require(len(set(metrics)) == len(metrics), "metric", cfg.metric, "lists a metric twice")
+    tests = [m for m in metrics if m.startswith("test_")]
+    _require(not tests or cfg.allow_test_objective, "metric", cfg.metric,
+             f"{tests[0] if tests else ''} selects on the test set, which makes every reported number optimistic; "
+             f"use val_error / val_loss (or train_error, the paper's protocol), or set allow_test_objective: true")
     _require(len(modes) == len(metrics), "mode", cfg.mode,
              f"needs one of min/max per metric ({len(metrics)} metric(s), {len(modes)} mode(s))")
     _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
@@ -183,6 +187,18 @@ def _check_top_level(cfg: SweepConfig) -> None:
         _require(bool(cfg.space), "space", cfg.space, "empty: nothing to search")
 
 
+def _check_val_metrics(cfg: SweepConfig, experiment: ExperimentConfig, where: str) -> None:
+    """A val_* objective needs a validation split: image runs hold one out unless data.val_fraction is null."""
+    from raymoe.config.schema import LM_ARCHS
+
+    if experiment.model.arch in LM_ARCHS or experiment.data.val_fraction is not None:
+        return
+    vals = [m for m in cfg.metrics if m.startswith("val_")]
+    _require(not vals, "metric", cfg.metric, f"{vals[0] if vals else ''} needs a validation split, but "
+             f"{where} sets data.val_fraction: null (the paper's protocol); select by train_error instead, or "
+             f"hold out a share with data.val_fraction")
+
+
 def _fixed_overrides(cfg: SweepConfig) -> dict[str, Any]:
     """Settings every trial gets: the file's overrides, resources, tracking; no progress bars in trials."""
     res = cfg.resources
@@ -217,6 +233,7 @@ def _load_optuna(cfg: SweepConfig, folder: Path, path: str | None, text: str) ->
         base_raw = copy.deepcopy(cfg.base)
     base_raw.setdefault("name", cfg.name)
     base_raw, base = _resolve_experiment(base_raw, _fixed_overrides(cfg), "base")
+    _check_val_metrics(cfg, base, "base")
     space = _parse_space(cfg.space, base_raw, flatten(to_dict(base)))
     _check_start_points(cfg, space)
     return Sweep(config=cfg, path=path, text=text, base_raw=base_raw, base=base, space=space)
@@ -382,12 +399,13 @@ def _load_grid(cfg: SweepConfig, folder: Path, path: str | None, text: str) -> S
         depends[category], where_of[category] = refs, f"{where}.overrides"
         for point in expand_row(row):  # a grid is finite: check every point exactly as the trial will
             try:
-                load_experiment(raw=raw, overrides={**row_fixed, **point, "seed": cfg.seed_list[0]})
+                checked = load_experiment(raw=raw, overrides={**row_fixed, **point, "seed": cfg.seed_list[0]})
             except ConfigError as exc:
                 label = (f"{where}.grid.{exc.path}" if exc.path in point else f"{where}.overrides.{exc.path}"
                          if exc.path in row_fixed else f"overrides.{exc.path}" if exc.path in fixed
                          else f"{where}.method.{exc.path}")
                 raise ConfigError(label, exc.value, f"{exc.problem} (grid point {point})") from None
+            _check_val_metrics(cfg, checked, f"{where}.method")
         row_raws[str(method)] = raw
     stages = stage_numbers(depends, where_of)
     points = expand_grid(cfg.rows, cfg.seed_list, folder, stages)

@@ -23,7 +23,7 @@ LOOP_METRICS = (
     "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits", "dead_expert_frac", "targets_per_s",
 )
 IMAGE_ONLY = ("test_error", "top5_error", "mi_pred_bits", "mi_true_bits", "importance_cv")
-LM_ONLY = ("val_loss", "val_perplexity", "val_bits_per_byte", "val_error", "test_perplexity", "test_bits_per_byte",
+LM_ONLY = ("val_perplexity", "val_bits_per_byte", "test_perplexity", "test_bits_per_byte",
            "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits", "dead_expert_frac")
 
 
@@ -91,7 +91,8 @@ class SweepConfig:
     space: dict[str, Any] = field(default_factory=dict)  # dotted path -> ParamSpec (declaration order = sample order)
     start_points: list[dict[str, Any]] = field(default_factory=list)  # optuna: evaluated first (warm start)
     rows: list[GridRow] = field(default_factory=list)  # grid strategy only
-    metric: str | list[str] = "test_error"  # a list -> multi-objective (Pareto front)
+    metric: str | list[str] = "val_error"  # a list -> multi-objective (Pareto front); test_* needs the flag below
+    allow_test_objective: bool = False  # selecting on the test set reports optimistic numbers (docs/methodology.md)
     mode: Mode | list[Mode] = "min"
     num_samples: int = 10  # sampled points (each runs once per seed)
     seeds: int | list[int] = 1  # N -> seeds 0..N-1; each point is one trial per seed
