@@ -4,6 +4,7 @@ conditions (sampled offline with Optuna, no Ray), seeds repeat points, and the p
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import optuna
@@ -148,7 +149,7 @@ def test_existing_sweep_folder_needs_resume(tmp_path, monkeypatch):
     assert info.value.path == "--resume"
     # a restorable folder whose sweep was defined differently: resuming with an edited file is refused
     folder = tmp_path / "ray_results" / "sweeps" / "s"
-    (folder / "tuner.pkl").write_bytes(b"")
+    (folder / "tuner.pkl").write_bytes(pickle.dumps({"a whole": "pickle"}))
     (folder / "raymoe_sweep.json").write_text(json.dumps({"definition": load_sweep(raw=_sweep()).digest}))
     with pytest.raises(ConfigError, match="changed") as info:
         run_sweep(load_sweep(raw=_sweep(num_samples=5)), resume=True)

@@ -24,23 +24,11 @@ _MISSING = object()
 
 
 def read_yaml(path: str | os.PathLike, field_path: str = "config") -> dict[str, Any]:
-    """Read a YAML mapping, following `base: other.yaml` (relative to the file) with a deep merge."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(field_path, str(path), "file not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(field_path, str(path), f"not valid YAML: {exc}".replace("\n", " ")) from None
-    raw = {} if raw is None else raw
-    if not isinstance(raw, dict):
-        raise ConfigError(field_path, str(path), f"must hold a mapping, got {type(raw).__name__}")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    if not isinstance(base, str):
-        raise ConfigError("base", base, "must be a path to another YAML file")
-    return deep_merge(read_yaml(path.parent / base, "base"), raw)
+    """Read a YAML mapping, following `base: other.yaml` (relative to the file) with a deep merge
+    (raymoe/config/yaml_file.py: UTF-8, no duplicate keys, no base cycles)."""
+    from raymoe.config.yaml_file import read_with_bases
+
+    return read_with_bases(path, field_path, deep_merge)
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -60,7 +48,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError("--set", text, "expected KEY=VALUE, e.g. train.epochs=5")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         parsed = value
     return key.strip(), parsed
 
@@ -127,13 +115,16 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
+        errors: list[ConfigError] = []
         for option in (o for o in options if o is not type(None)):
             try:
                 return _convert(option, value, path)
             except ConfigError as exc:
-                errors.append(exc.problem)
-        raise ConfigError(path, value, " or ".join(errors))
+                errors.append(exc)
+        inner = [e for e in errors if e.path.startswith((f"{path}.", f"{path}["))]
+        if inner:  # the value had the option's shape and failed inside it: keep the full path (scheduler.asha.x)
+            raise max(inner, key=lambda e: len(e.path))
+        raise ConfigError(path, value, " or ".join(e.problem for e in errors))
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
@@ -159,6 +150,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(path, value, "must be an integer")
+        if not INT64_MIN <= value <= INT64_MAX:  # what torch and numpy hold; Python ints are unbounded
+            raise ConfigError(path, _short(value), "out of range: an integer must fit in 64 bits")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 as a string
@@ -168,14 +161,28 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 raise ConfigError(path, value, "must be a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, value, "must be a number")
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the float range (e.g. 400 digits)
+            raise ConfigError(path, _short(value), "out of range for a 64-bit float") from None
         if not math.isfinite(value):
             raise ConfigError(path, value, "must be finite")
-        return float(value)
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(path, value, "must be a string")
         return value
     raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+SEED_MAX = 2 ** 32 - 1  # numpy's legacy seeding and Ray's trial seeds take 32-bit seeds
+
+
+def _short(value: Any) -> Any:
+    """A huge number as it is shown in an error: its first digits and its length."""
+    text = str(value)
+    return value if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -204,7 +211,7 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     m, g, t, s, r, d = cfg.model, cfg.gate, cfg.train, cfg.scaling, cfg.regularizer, cfg.data
     _require(bool(cfg.name.strip()), "name", cfg.name, "must not be empty")
     _require("/" not in cfg.name, "name", cfg.name, "must not contain '/'")
-    _require(cfg.seed >= 0, "seed", cfg.seed, "must be >= 0")
+    _require(0 <= cfg.seed <= SEED_MAX, "seed", cfg.seed, f"must be in [0, {SEED_MAX}] (a 32-bit seed)")
     for key in ("train_limit", "test_limit"):
         value = getattr(d, key)
         _require(value is None or value >= 1, f"data.{key}", value, "must be >= 1 (or null for all)")

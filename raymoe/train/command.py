@@ -75,8 +75,11 @@ def train(cfg, loop_config: dict, address: str | None = None) -> dict:
 def run(args: argparse.Namespace) -> int:
     from raymoe.train.loop_config import make_loop_config
 
+    from raymoe.train.preflight import check_outputs
+
     cfg = load_experiment(args.config, args.overrides)
     check_data_available(cfg)
+    check_outputs(cfg)
     loop_config = make_loop_config(cfg, config_path=args.config, fresh=args.fresh)
     try:
         metrics = train(cfg, loop_config, address=args.address)

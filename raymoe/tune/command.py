@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.tune.report import format_report
     from raymoe.tune.sweep_load import load_sweep
 
-    sweep = load_sweep(args.sweep, args.overrides, name=args.name, quick=args.quick)
+    sweep = load_sweep(args.sweep, args.overrides, name=args.name, quick=args.quick,
+                       max_concurrent=args.max_concurrent)
     storage = args.storage or DEFAULT_STORAGE
     if args.check:
         print(f"sweep {sweep.name} is valid: strategy {sweep.config.strategy}, {sweep.num_trials} trial(s); "
@@ -41,8 +42,7 @@ def run(args: argparse.Namespace) -> int:
                 rows = list(dict.fromkeys(p.category for p in sweep.points if p.stage == stage))
                 print(f"  stage {stage}: {', '.join(rows)}")
         return 0
-    outcome = run_sweep(sweep, resume=args.resume, address=args.address, storage_root=storage,
-                        max_concurrent=args.max_concurrent)
+    outcome = run_sweep(sweep, resume=args.resume, address=args.address, storage_root=storage)
     if outcome.interrupted:
         print(f"raymoe tune: sweep {sweep.name} interrupted; finish it with:\n"
               f"  raymoe tune {args.sweep} --resume" + (f" --name {args.name}" if args.name else "")

@@ -84,6 +84,9 @@ def check_sweep_dir(sweep: Sweep, sweep_dir: Path, resume: bool) -> None:
         if not Tuner.can_restore(str(sweep_dir)):
             raise ConfigError("--resume", str(sweep_dir), "the sweep folder holds no Tune state to restore; "
                                                           "remove it or pick another name")
+        problem = saved_state_problem(sweep_dir)
+        if problem:
+            raise ConfigError("--resume", str(sweep_dir), problem)
         state = read_state(sweep_dir)
         if state is not None and state.get("definition") != sweep.digest:
             raise ConfigError("--resume", sweep.path or sweep.name, "the sweep file or its --set overrides changed "
@@ -91,6 +94,37 @@ def check_sweep_dir(sweep: Sweep, sweep_dir: Path, resume: bool) -> None:
     elif sweep_dir.exists():
         raise ConfigError("name", sweep_dir.name, f"a sweep of that name exists in {sweep_dir}; pass --resume to "
                                                   f"finish it, or pick another name (--name NEW_NAME)")
+
+
+def saved_state_problem(sweep_dir: Path) -> str | None:
+    """Why the sweep folder's saved state cannot be resumed (None if it looks whole): every pickle (Tune's tuner,
+    the searcher) must parse to its STOP opcode and every JSON state must parse. The pickles are read with
+    pickletools, which does not execute them; Tune itself unpickles them on resume, so resume only sweep folders
+    you made (docs/reliability.md)."""
+    import json
+    import pickletools
+
+    def files(*patterns: str) -> list[Path]:
+        return sorted(p for pattern in patterns for folder in (sweep_dir, *sweep_dir.glob("stage-*"))
+                      for p in folder.glob(pattern))
+
+    for path in files("*.pkl", "basic-variant-state-*.json"):  # Tune pickles that one despite its suffix
+        try:
+            last = None
+            for last, _, _ in pickletools.genops(path.read_bytes()):
+                pass
+            if last is None or last.name != "STOP":
+                raise ValueError("no STOP opcode")
+        except Exception as exc:  # noqa: BLE001 - any parse failure means a damaged file
+            return (f"{path.name} is corrupt or truncated ({str(exc)[:80]}); the sweep cannot be resumed from it. "
+                    f"Start it again under another name (--name), or remove {sweep_dir}")
+    for path in files("experiment_state-*.json", "raymoe_sweep.json"):
+        try:
+            json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as exc:
+            return (f"{path.name} is corrupt or truncated ({str(exc)[:80]}); the sweep cannot be resumed from it. "
+                    f"Start it again under another name (--name), or remove {sweep_dir}")
+    return None
 
 
 def start_ray(sweep: Sweep, address: str | None) -> tuple[bool, int]:
@@ -206,6 +240,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     import ray
     import ray.tune
 
+    from raymoe.tracking.store_check import folder_problem, tracking_problem
     from raymoe.tune import mlflow_sweep
     from raymoe.tune.report import build_report
     from raymoe.tune.trial import TrialPlan, run_trial
@@ -215,7 +250,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     sweep_dir = sweep_dir_for(sweep.name, storage_root)
     check_sweep_dir(sweep, sweep_dir, resume)
     uri, experiment = tracking_target(sweep)
-    problem = mlflow_sweep.tracking_problem(uri)
+    problem = folder_problem(sweep_dir)
+    if problem:
+        raise ConfigError("--storage", str(sweep_dir.parent), problem)
+    if report_dir is not None and folder_problem(report_dir):
+        raise ConfigError("--out", str(report_dir), folder_problem(report_dir))
+    problem = tracking_problem(uri)
     if problem:
         raise ConfigError("tracking.uri", uri, problem)
     timings["checks_s"] = time.perf_counter() - t0

@@ -9,7 +9,6 @@ All writes go through MlflowClient, never the fluent API, so no process-global a
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 from raymoe.config.load import flatten
 from raymoe.tracking.mlflow_run import (FAILURE_TAG, PARENT_TAG, RUN_NAME_TAG, _retry, client_for, ensure_experiment,
                                         find_runs)
-from raymoe.train.loop_config import sqlite_path
 from raymoe.tune.trial import ROLE_TAG, SWEEP_TAG, TrialPlan
 
 SWEEP_ID_TAG = "raymoe.sweep_id"
@@ -33,29 +31,6 @@ class ParentRun:
     experiment_id: str
     uri: str
     experiment: str
-
-
-def tracking_problem(uri: str) -> str | None:
-    """Why this tracking store cannot be written (None if it can); checked before anything starts."""
-    path = sqlite_path(uri)
-    if path is not None:
-        if path.exists() and not path.is_file():
-            return f"{path} exists and is not a file"
-        if path.exists() and not os.access(path, os.W_OK):
-            return f"{path} is not writable"
-        ancestor = path.parent
-        while not ancestor.exists():
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            return f"{ancestor} is a file, so {path.parent} cannot be a folder"
-        if not os.access(ancestor, os.W_OK):
-            return f"cannot create files in {ancestor}"
-    try:
-        client = client_for(uri)
-        _retry(client.search_experiments, max_results=1)
-    except Exception as exc:  # noqa: BLE001 - any failure to reach the store is a config problem
-        return f"cannot open the tracking store: {str(exc).splitlines()[0]}"
-    return None
 
 
 def read_state(sweep_dir: Path) -> dict[str, Any] | None:

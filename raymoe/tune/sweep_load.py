@@ -21,12 +21,15 @@ from typing import Any
 import yaml
 
 from raymoe.config.errors import ConfigError
-from raymoe.config.load import apply_overrides, flatten, from_dict, load_experiment, read_yaml, to_dict
+from raymoe.config.load import (SEED_MAX, apply_overrides, flatten, from_dict, load_experiment, read_yaml,
+                                to_dict)
 from raymoe.config.schema import ExperimentConfig
 from raymoe.tune.grid import GridPoint, expand_grid, expand_row, row_category
 from raymoe.tune.stages import is_reference, parse_reference, stage_numbers
 from raymoe.tune.sweep_schema import LOOP_METRICS, ParamSpec, SweepConfig
 
+MAX_TRIALS = 100_000  # sampled points of one sweep; more is a typo, not a plan
+MAX_SEEDS = 10_000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -69,7 +72,8 @@ class Sweep:
 
 
 def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] = (),
-               raw: dict[str, Any] | None = None, name: str | None = None, quick: bool = False) -> Sweep:
+               raw: dict[str, Any] | None = None, name: str | None = None, quick: bool = False,
+               max_concurrent: int | None = None) -> Sweep:
     """Read and check a sweep file.
 
     Args:
@@ -77,6 +81,7 @@ def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dic
         overrides: extra experiment overrides (`--set a.b=v`), applied after the file's `overrides:`.
         raw: an inline sweep mapping instead of a file (relative paths resolve against the cwd).
         name: replaces the sweep's `name`.
+        max_concurrent: `--max-concurrent`: replaces max_concurrent_trials, checked by the same rule.
         quick: a grid's quick reproduction: one seed per row at the row's preset values (no grid lists), named
             `<name>-quick` unless `name` is given (docs/methodology.md).
 
@@ -86,16 +91,10 @@ def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dic
     if raw is None:
         if path is None:
             raise ConfigError("sweep", None, "give a sweep file")
+        from raymoe.config.yaml_file import read_mapping
+
         path = Path(path).resolve()
-        if not path.is_file():
-            raise ConfigError("sweep", str(path), "file not found")
-        text = path.read_text()
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError("sweep", str(path), f"not valid YAML: {exc}".replace("\n", " ")) from None
-        if not isinstance(raw, dict):
-            raise ConfigError("sweep", str(path), "must hold a mapping")
+        raw, text = read_mapping(path, "sweep")
         folder = path.parent
     else:
         raw = copy.deepcopy(raw)
@@ -113,7 +112,14 @@ def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dic
         if name is None:
             cfg.name = f"{cfg.name}-quick"
     cfg.overrides = {**cfg.overrides, **extra}
-    _check_top_level(cfg)
+    if max_concurrent is not None:
+        cfg.max_concurrent_trials = max_concurrent
+    try:
+        _check_top_level(cfg)
+    except ConfigError as exc:
+        if max_concurrent is not None and exc.path == "max_concurrent_trials":
+            raise ConfigError("--max-concurrent", exc.value, exc.problem) from None
+        raise
     sweep_path = str(path) if path is not None else None
     if cfg.strategy == "grid":
         return _load_grid(cfg, folder, sweep_path, text)
@@ -149,10 +155,17 @@ def _check_top_level(cfg: SweepConfig) -> None:
              f"use val_error / val_loss (or train_error, the paper's protocol), or set allow_test_objective: true")
     _require(len(modes) == len(metrics), "mode", cfg.mode,
              f"needs one of min/max per metric ({len(metrics)} metric(s), {len(modes)} mode(s))")
-    _require(cfg.num_samples >= 1, "num_samples", cfg.num_samples, "must be >= 1")
+    _require(1 <= cfg.num_samples <= MAX_TRIALS, "num_samples", cfg.num_samples, f"must be in [1, {MAX_TRIALS}]")
+    _require(isinstance(cfg.seeds, list) or 1 <= cfg.seeds <= MAX_SEEDS, "seeds", cfg.seeds,
+             f"must be a count in [1, {MAX_SEEDS}] or a list of seeds")
+    _require(not isinstance(cfg.seeds, list) or len(cfg.seeds) <= MAX_SEEDS, "seeds", "[...]",
+             f"at most {MAX_SEEDS} seeds")
     seeds = cfg.seed_list
+    _require(0 <= cfg.sampler_seed <= SEED_MAX, "sampler_seed", cfg.sampler_seed,
+             f"must be in [0, {SEED_MAX}] (Optuna's samplers take a 32-bit seed)")
+    bad = [s for s in seeds if not 0 <= s <= SEED_MAX]
+    _require(not bad, "seeds", bad[:3], f"every seed must be in [0, {SEED_MAX}] (a 32-bit seed)")
     _require(len(seeds) >= 1, "seeds", cfg.seeds, "must be >= 1 (a count) or a non-empty list")
-    _require(all(s >= 0 for s in seeds), "seeds", cfg.seeds, "seeds must be >= 0")
     _require(len(set(seeds)) == len(seeds), "seeds", cfg.seeds, "lists a seed twice")
     if cfg.scheduler is not None and cfg.scheduler.asha is not None:
         asha = cfg.scheduler.asha
@@ -174,9 +187,10 @@ def _check_top_level(cfg: SweepConfig) -> None:
         _require(res.use_gpu, "resources.gpus_per_worker", res.gpus_per_worker, "set resources.use_gpu: true too")
         _require(0 < res.gpus_per_worker <= 1 or float(res.gpus_per_worker).is_integer(),
                  "resources.gpus_per_worker", res.gpus_per_worker, "must be a fraction in (0, 1] or a whole number")
-    _require(cfg.max_concurrent_trials is None or cfg.max_concurrent_trials >= 1, "max_concurrent_trials",
-             cfg.max_concurrent_trials, "must be >= 1 (or null to derive it from the cluster)")
-    _require(cfg.max_failures >= 0, "max_failures", cfg.max_failures, "must be >= 0")
+    _require(cfg.max_concurrent_trials is None or 1 <= cfg.max_concurrent_trials <= MAX_TRIALS,
+             "max_concurrent_trials", cfg.max_concurrent_trials,
+             f"must be in [1, {MAX_TRIALS}] (or null to derive it from the cluster)")
+    _require(0 <= cfg.max_failures <= 1000, "max_failures", cfg.max_failures, "must be in [0, 1000]")
     if cfg.strategy == "grid":
         _require(not cfg.space, "space", "...", "a grid sweep lists rows, not a space (or use strategy: optuna)")
         _require(bool(cfg.rows), "rows", cfg.rows, "a grid sweep needs at least one row")
