@@ -8,6 +8,8 @@ architecture is refused before any run is created.
 
 from __future__ import annotations
 
+import json
+
 import shutil
 from importlib import metadata
 from pathlib import Path
@@ -63,15 +65,42 @@ def workdir(tmp_path, monkeypatch, restore_torch_state):
     return tmp_path
 
 
+def _check_native_mlflow_objects(client, run) -> None:
+    """What MLflow's own UI shows: model-training experiment kind, the dataset inputs per split, the model (it
+    loads back and predicts like the run's final model would), system metrics."""
+    import mlflow.pytorch
+    import torch
+
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "train", "val"]
+    assert inputs["train"].name == "fashion_mnist-train" and len({d.digest for d in inputs.values()}) == 1
+    sizes = {split: json.loads(d.profile)["num_rows"] for split, d in inputs.items()}
+    assert sizes == {"train": 230, "val": 26, "test": 128}  # 256 training images: 10% held out per class
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    assert logged.source_run_id == run.info.run_id
+    model = mlflow.pytorch.load_model(logged.model_uri)
+    out = model(torch.zeros(2, 1, 28, 28))
+    assert out.log_probs_BC.shape == (2, 10)
+    from raymoe.train.checkpoint import load_full_state
+
+    final, _ = load_full_state(sorted((Path("checkpoints") / run.data.tags["raymoe.run_name"]).glob("epoch_*"))[-1])
+    logged_state = model.state_dict()
+    assert set(final) <= set(logged_state) and all(torch.equal(final[k], logged_state[k]) for k in final)
+    assert any(key.startswith("system/cpu_utilization") for key in client.get_run(run.info.run_id).data.metrics)
+
+
 def test_train_logs_one_run_resumes_and_fresh_restarts(workdir, tiny_fmnist_root, capsys):
     config = _write(workdir / "tiny.yaml", _experiment(tiny_fmnist_root))
     name = run_name(load_experiment(config))
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
 
-    assert main(["train", str(config), "--set", "train.progress=true"]) == 0
+    assert main(["train", str(config), "--set", "train.progress=true", "--set", "tracking.system_metrics_s=0.2"]) == 0
     out = capsys.readouterr().out
     assert "resuming" not in out and "val error" in out and "test error" in out and "raymoe ui" in out
     (run,) = _runs(client)
+    _check_native_mlflow_objects(client, run)
     assert run.info.status == "FINISHED" and run.data.tags["raymoe.run_name"] == name
     assert run.info.run_id in out
     params = run.data.params

@@ -344,6 +344,8 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
         _require(m.num_experts % s.expert_parallel == 0, "scaling.expert_parallel", s.expert_parallel,
                  f"must divide model.num_experts ({m.num_experts}) so each rank owns "
                  f"num_experts / expert_parallel experts")
+    _require(cfg.tracking.system_metrics_s is None or 0.1 <= cfg.tracking.system_metrics_s <= 3600,
+             "tracking.system_metrics_s", cfg.tracking.system_metrics_s, "must be in [0.1, 3600] seconds, or null")
     _require(bool(cfg.tracking.experiment.strip()), "tracking.experiment", cfg.tracking.experiment,
              "must not be empty")
     _require(cfg.tracking.uri.startswith(("sqlite:///", "http://", "https://", "databricks", "postgresql", "mysql")),

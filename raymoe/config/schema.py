@@ -178,6 +178,8 @@ class TrackingConfig:
     uri: str = "sqlite:///mlflow.db"  # MLflow >= 3.13 refuses the ./mlruns file store
     experiment: str = "raymoe"
     enabled: bool = True
+    log_model: bool = True  # the final model with mlflow.pytorch (one process, or data-parallel workers)
+    system_metrics_s: float | None = 10.0  # CPU, memory, GPU sampled every N seconds (MLflow's monitor); null = off
 
 
 @dataclass(kw_only=True, slots=True)

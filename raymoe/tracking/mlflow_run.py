@@ -43,6 +43,12 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+# The MLflow UI (3.x) opens an experiment in its model-training view, not the GenAI one, when this tag says so
+# (values read from MLflow 3.17's UI bundle: genai_development | custom_model_development).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
+
 def ensure_experiment(client, name: str, uri: str) -> str:
     """Experiment id by name, creating it (artifacts beside the sqlite file, not in ./mlruns); a concurrent
     creator winning the race is fine."""
@@ -50,13 +56,16 @@ def ensure_experiment(client, name: str, uri: str) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             _retry(client.restore_experiment, found.experiment_id)
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made by an older raymoe, or by hand
+            _retry(client.set_experiment_tag, found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return found.experiment_id
     db = sqlite_path(uri)
     location = None
     if db is not None:
         location = (db.parent / "mlartifacts" / re.sub(r"[^\w.-]", "_", name)).as_uri()
     try:
-        return _retry(client.create_experiment, name, artifact_location=location)
+        return _retry(client.create_experiment, name, artifact_location=location,
+                      tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except Exception:  # noqa: BLE001 - RESOURCE_ALREADY_EXISTS from a concurrent creator
         found = _retry(client.get_experiment_by_name, name)
         if found is None:

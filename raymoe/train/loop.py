@@ -235,6 +235,7 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
         from raymoe.tracking.environment import describe_environment
 
         tracked = TrackedRun.open(loop_config, describe_environment(device, ctx.world_size))
+    monitor = _native_tracking(tracked, cfg, work, loop_config["experiment"]["tracking"]["uri"])
     try:
         if done and work.mlflow_step(done) > tracked.last_step and last_metrics:  # restart between checkpoint and log
             tracked.log_metrics(last_metrics, work.mlflow_step(done))
@@ -280,6 +281,12 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
             last_metrics = metrics
         if isinstance(tracked, TrackedRun):
             _log_final_artifacts(tracked, matrices, history, work)
+            if cfg.tracking.log_model and cfg.scaling.expert_parallel == 1:  # EP shards the experts over ranks
+                from raymoe.tracking.native import log_final_model
+
+                example, width = work.model_example()
+                log_final_model(loop_config["experiment"]["tracking"]["uri"], tracked.run_id,
+                                getattr(model, "module", model), example, width, loop_config["experiment"])
         tracked.finish()
         return last_metrics
     except TrainingDiverged as exc:
@@ -294,6 +301,21 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
     except BaseException as exc:
         tracked.fail(f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        if monitor is not None:
+            monitor.stop()
+
+
+def _native_tracking(tracked, cfg: ExperimentConfig, work, uri: str):
+    """Dataset inputs (a new run only) and the system-metrics monitor (returned, stopped by train_fn)."""
+    if not isinstance(tracked, TrackedRun):
+        return None
+    from raymoe.tracking.native import SystemMetrics, log_dataset_inputs
+
+    if not tracked.resumed:
+        log_dataset_inputs(tracked.client, tracked.run_id, work.dataset_summary())
+    interval = cfg.tracking.system_metrics_s
+    return SystemMetrics(tracked.run_id, uri, interval) if interval is not None else None
 
 
 def _log_final_artifacts(tracked: TrackedRun, matrices: dict, history: list[dict], work) -> None:

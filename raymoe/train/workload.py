@@ -76,6 +76,18 @@ class ImageWorkload:
     def progress(self, interval: int) -> str:
         return f"epoch {interval}/{self.intervals}"
 
+    def dataset_summary(self):
+        from raymoe.tracking.native import DatasetSummary, tensor_digest
+
+        d = self.data
+        splits = {"train": len(d.train), **({"val": len(d.val)} if d.val is not None else {}), "test": len(d.test)}
+        return DatasetSummary(d.name, d.source, splits,
+                              tensor_digest(d.train.y, d.val.y if d.val is not None else None, d.test.y))
+
+    def model_example(self) -> tuple[torch.Tensor, int]:
+        """(two test inputs, output width) for the logged model's signature."""
+        return self.data.test.x[:2], self.data.num_classes
+
 
 class TextWorkload:
     """Language modelling: random windows sampled on the device; one interval = train.eval_every optimizer steps,
@@ -160,6 +172,19 @@ class TextWorkload:
 
     def progress(self, interval: int) -> str:
         return f"step {self.mlflow_step(interval)}/{self.total_steps}"
+
+    def dataset_summary(self):
+        from raymoe.tracking.native import DatasetSummary, tensor_digest
+
+        d = self.data
+        parts = {"train": d.train, "val": d.val, **({"test": d.test} if d.test is not None else {})}
+        # a strided sample of at most ~1M ids per split: nanoGPT shards can hold billions of tokens
+        sample = [t[:: max(1, t.numel() // 1_000_000)] for t in parts.values()]
+        return DatasetSummary(d.name, d.source, {k: int(t.numel()) for k, t in parts.items()},
+                              tensor_digest(torch.tensor([t.numel() for t in parts.values()]), *sample))
+
+    def model_example(self) -> tuple[torch.Tensor, int]:
+        return self.data.val_x[:2], self.data.vocab_size
 
 
 def image_metric_names(test: dict[str, float], val: dict[str, float] | None = None) -> dict[str, float]:
