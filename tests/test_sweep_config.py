@@ -387,3 +387,24 @@ def test_pick_best_by_metric_and_refuses_a_row_without_finished_runs():
     with pytest.raises(ConfigError) as info:
         pick_best(runs[:2], BestOf(best_of="other"), "rows[1].overrides.train.distill_from")
     assert info.value.path == "rows[1].overrides.train.distill_from.best_of"
+
+
+def test_sweep_set_changes_the_sweep_keys_type_checked(tmp_path):
+    path = ROOT / "tune_configs" / "sweeps" / "fmnist_gates.yaml"
+    sweep = load_sweep(path, sweep_overrides=["num_samples=3", "seeds=2", "resources.cpus_per_worker=2"])
+    assert sweep.num_trials == 6 and sweep.config.resources.cpus_per_worker == 2.0
+    assert sweep.digest != load_sweep(path).digest  # a resume with other --sweep-set values is refused
+    assert load_sweep(path, max_concurrent=3).digest == load_sweep(path).digest  # concurrency may change
+    for bad, where in (["num_sample=3"], "--sweep-set num_sample"), (["num_samples=x"], "num_samples"), (
+            ["scheduler.asha.grace=2"], "--sweep-set scheduler.asha.grace"), (["seeds=0"], "seeds"):
+        with pytest.raises(ConfigError) as info:
+            load_sweep(path, sweep_overrides=bad)
+        assert info.value.path == where, info.value
+
+
+def test_local_sweeps_run_no_more_trials_than_physical_cores():
+    from raymoe.tune.driver import local_concurrency
+
+    assert local_concurrency(4, 1.0, cores=2) == 2  # 4 logical CPUs on a 2-core laptop: 2 trials
+    assert local_concurrency(4, 2.0, cores=2) == 1 and local_concurrency(4, 1.5, cores=8) == 4
+    assert local_concurrency(1, 4.0, cores=2) == 1  # never 0

@@ -1,4 +1,5 @@
-"""`raymoe tune SWEEP.yaml [--resume] [--set KEY=VALUE ...]`: a hyperparameter sweep with Ray Tune + Optuna.
+"""`raymoe tune SWEEP.yaml [--resume] [--set KEY=VALUE ...] [--sweep-set KEY=VALUE ...]`: a hyperparameter sweep
+with Ray Tune + Optuna (--set changes every trial's experiment, --sweep-set the sweep file's own keys).
 
 The sweep file is checked completely first (exit 2 with the field path on any problem; nothing started).
 Sweeps live in ./ray_results/sweeps/<name>; a second run of the same name needs --resume (or another --name).
@@ -15,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="finish an interrupted sweep of this name (same trials, same MLflow parent run)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an experiment setting of every trial, e.g. --set train.epochs=2; repeatable")
+    parser.add_argument("--sweep-set", dest="sweep_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key of the sweep file itself, e.g. --sweep-set num_samples=3 --sweep-set "
+                             "seeds=2 --sweep-set resources.num_workers=2; repeatable, type-checked like the file")
     parser.add_argument("--name", default=None, help="sweep name (default: the file's name:)")
     parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local Ray)")
     parser.add_argument("--max-concurrent", type=int, default=None,
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.tune.sweep_load import load_sweep
 
     sweep = load_sweep(args.sweep, args.overrides, name=args.name, quick=args.quick,
-                       max_concurrent=args.max_concurrent)
+                       max_concurrent=args.max_concurrent, sweep_overrides=args.sweep_overrides)
     storage = args.storage or DEFAULT_STORAGE
     if args.check:
         print(f"sweep {sweep.name} is valid: strategy {sweep.config.strategy}, {sweep.num_trials} trial(s); "
@@ -50,5 +54,12 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print(format_report(outcome.report))
     print(f"\nMLflow UI: raymoe ui --uri {outcome.tracking_uri}   (parent run {outcome.parent_run_id})")
+    from pathlib import Path
+
+    from raymoe.tune.report_command import dashboard_hint
+
+    hint = dashboard_hint(Path(outcome.sweep_dir))
+    if hint:
+        print(hint)
     finished = sum(r.status == "FINISHED" for r in outcome.report.rows)
     return 0 if finished else 1

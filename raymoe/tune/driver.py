@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import time
 import warnings
@@ -149,7 +150,20 @@ def start_ray(sweep: Sweep, address: str | None) -> tuple[bool, int]:
 
             ray.shutdown()
         raise
-    return started, default_concurrency(need, nodes)
+    derived = default_concurrency(need, nodes)
+    return started, (local_concurrency(derived, need.cpus, physical_cores()) if started else derived)
+
+
+def local_concurrency(derived: int, cpus_per_trial: float, cores: int) -> int:
+    """Trials at once on this machine: a local instance counts at least 4 logical CPUs (ray_session.local_cpus),
+    but trials beyond the physical cores only contend for them."""
+    return max(1, min(derived, cores // max(1, math.ceil(cpus_per_trial))))
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
 def trial_label(trial, prefix: str = "") -> str:
@@ -157,7 +171,14 @@ def trial_label(trial, prefix: str = "") -> str:
     return f"{prefix}{trial.trial_id}"
 
 
-def _tune_config(sweep: Sweep, concurrency: int):
+OPTUNA_DB = "optuna.db"
+
+
+def optuna_storage_url(sweep_dir: Path) -> str:
+    return f"sqlite:///{Path(sweep_dir) / OPTUNA_DB}"
+
+
+def _tune_config(sweep: Sweep, concurrency: int, sweep_dir: Path):
     import optuna
     import ray.tune
     from ray.tune.search.optuna import OptunaSearch
@@ -182,8 +203,10 @@ def _tune_config(sweep: Sweep, concurrency: int):
         sampler = optuna.samplers.TPESampler(seed=cfg.sampler_seed, multivariate=True, group=True,
                                              constant_liar=True, n_startup_trials=min(10, cfg.num_samples))
     space = DefineByRun(sweep.space, flatten(to_dict(sweep.base)))
-    inner = OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler,
-                         points_to_evaluate=[dict(p) for p in cfg.start_points] or None)
+    # the study in sqlite beside the sweep: optuna.load_study / optuna-dashboard read it (docs/ray-notes.md)
+    storage = optuna.storages.RDBStorage(optuna_storage_url(sweep_dir))
+    inner = OptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler, study_name=sweep.name,
+                         storage=storage, points_to_evaluate=[dict(p) for p in cfg.start_points] or None)
     search = SeedRepeatSearch(inner, cfg.seed_list, metric, mode)
     scheduler = None
     if cfg.scheduler is not None and cfg.scheduler.asha is not None:
@@ -263,6 +286,11 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     timings["ray_start_s"] = time.perf_counter() - t0 - timings["checks_s"]
     try:
         concurrency = max_concurrent or sweep.config.max_concurrent_trials or derived
+        if max_concurrent or sweep.config.max_concurrent_trials:
+            chosen = "as asked"
+        else:
+            fits = f"this machine's {physical_cores()} physical cores" if started else "the cluster"
+            chosen = f"what fits {fits}; --max-concurrent to change"
         parent = mlflow_sweep.open_parent(sweep, uri, experiment, sweep_dir, resume)
         plan = TrialPlan(
             sweep_name=sweep.name, strategy=sweep.config.strategy, parent_run_id=parent.run_id, tracking_uri=uri,
@@ -273,8 +301,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
             in_trial=sweep.config.resources.in_trial, timing_dir=timing_dir)
         trainable = _trainable(plan, run_trial, sweep.config.resources)
         timings["setup_s"] = time.perf_counter() - t0 - timings["checks_s"] - timings["ray_start_s"]
-        print(f"raymoe tune: sweep {sweep.name}: {sweep.num_trials} trial(s), up to {concurrency} at once; "
-              f"MLflow parent run {parent.run_id} in {uri} (experiment {experiment!r})", flush=True)
+        print(f"raymoe tune: sweep {sweep.name}: {sweep.num_trials} trial(s), up to {concurrency} at once "
+              f"({chosen}); MLflow parent run {parent.run_id} in {uri} (experiment {experiment!r})", flush=True)
         fit_start = time.perf_counter()
         try:
             trials, interrupted = _fit_stages(sweep, sweep_dir, trainable, concurrency, resume)
@@ -331,7 +359,8 @@ def _fit_stages(sweep: Sweep, sweep_dir: Path, trainable, concurrency: int,
                 print(f"raymoe tune: stage {stage}: {len(points)} trial(s) of "
                       f"{sorted({p.category for p in points})}", flush=True)
             tuner = ray.tune.Tuner(
-                trainable, param_space=_param_space(sweep, points), tune_config=_tune_config(sweep, concurrency),
+                trainable, param_space=_param_space(sweep, points),
+                tune_config=_tune_config(sweep, concurrency, sweep_dir),
                 run_config=ray.tune.RunConfig(
                     name=stage_dir.name, storage_path=str(stage_dir.parent), verbose=1,
                     failure_config=ray.tune.FailureConfig(max_failures=sweep.config.max_failures, fail_fast=False)))
@@ -340,7 +369,8 @@ def _fit_stages(sweep: Sweep, sweep_dir: Path, trainable, concurrency: int,
         trials.extend(states)
         if any(status not in ("TERMINATED", "ERROR") for _, status, _ in states):
             return trials, True
-        finished.extend(_finished_trials(results))
+        if stage != stages[-1]:  # only later stages read them (best_of)
+            finished.extend(_finished_trials(results))
     return trials, False
 
 

@@ -25,11 +25,24 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.tune.mlflow_sweep import read_state
     from raymoe.tune.report import build_report, format_report
 
-    state = read_state(sweep_dir_for(args.sweep, args.storage or DEFAULT_STORAGE)) or {}
+    sweep_dir = sweep_dir_for(args.sweep, args.storage or DEFAULT_STORAGE)
+    state = read_state(sweep_dir) or {}
     uri = absolute_tracking_uri(args.tracking_uri or state.get("tracking_uri") or "sqlite:///mlflow.db")
     experiment = args.experiment or (state.get("experiment") if not args.tracking_uri else None)
     parent = state.get("parent_run_id") if uri == state.get("tracking_uri") and not args.experiment else None
     report = build_report(uri, experiment, args.sweep, parent_run_id=parent, out_dir=args.out,
                           log_to_parent=not args.no_log)
     print(format_report(report))
+    print(dashboard_hint(sweep_dir))
     return 0
+
+
+def dashboard_hint(sweep_dir) -> str:
+    """How to open the sweep's Optuna study (optuna sweeps keep it in sqlite beside the sweep)."""
+    from raymoe.tune.driver import OPTUNA_DB, optuna_storage_url
+
+    if not (sweep_dir / OPTUNA_DB).is_file():
+        return ""
+    url = optuna_storage_url(sweep_dir)
+    return (f"Optuna study: optuna.load_study(study_name={sweep_dir.name!r}, storage={url!r}); dashboard: "
+            f"pip install optuna-dashboard && optuna-dashboard {url}")

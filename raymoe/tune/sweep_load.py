@@ -52,10 +52,12 @@ class Sweep:
 
     @property
     def digest(self) -> str:
-        """Fingerprint of the definition (file text, name, extra overrides): a resume must use the same one."""
-        blob = json.dumps({"text": self.text, "name": self.name, "overrides": self.config.overrides,
-                           "seeds": self.config.seed_list, "grids": [row.grid for row in self.config.rows]},
-                          sort_keys=True, default=str)
+        """Fingerprint of the definition (the file and everything the command line changed in it, except how many
+        trials run at once): a resume must use the same one."""
+        from dataclasses import asdict
+
+        definition = {k: v for k, v in asdict(self.config).items() if k != "max_concurrent_trials"}  # may change
+        blob = json.dumps({"text": self.text, "definition": definition}, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
@@ -73,7 +75,7 @@ class Sweep:
 
 def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] = (),
                raw: dict[str, Any] | None = None, name: str | None = None, quick: bool = False,
-               max_concurrent: int | None = None) -> Sweep:
+               max_concurrent: int | None = None, sweep_overrides: list[str] | dict[str, Any] = ()) -> Sweep:
     """Read and check a sweep file.
 
     Args:
@@ -82,6 +84,8 @@ def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dic
         raw: an inline sweep mapping instead of a file (relative paths resolve against the cwd).
         name: replaces the sweep's `name`.
         max_concurrent: `--max-concurrent`: replaces max_concurrent_trials, checked by the same rule.
+        sweep_overrides: `--sweep-set KEY=VALUE` on the sweep's own keys (num_samples, seeds, resources.*, ...),
+            applied to the file's mapping before it is type-checked, so a bad value is refused like one in the file.
         quick: a grid's quick reproduction: one seed per row at the row's preset values (no grid lists), named
             `<name>-quick` unless `name` is given (docs/methodology.md).
 
@@ -102,6 +106,12 @@ def load_sweep(path: str | os.PathLike | None = None, overrides: list[str] | dic
         folder = Path.cwd()
     if name is not None:
         raw["name"] = name
+    sweep_sets = _override_dict(sweep_overrides)
+    if sweep_sets:
+        try:
+            raw = apply_overrides(raw, sweep_sets, SweepConfig)
+        except ConfigError as exc:
+            raise ConfigError(f"--sweep-set {exc.path}", exc.value, exc.problem) from None
     extra = _override_dict(overrides)
     cfg = from_dict(SweepConfig, raw)
     if quick:
