@@ -148,6 +148,10 @@ class TrackedRun(NullRun):
             tags = {RUN_NAME_TAG: run_name, LAUNCH_TAG: loop_config.get("launch_id", ""),
                     "raymoe.config_name": experiment["name"], **env_tags,
                     **loop_config.get("mlflow_tags", {})}
+            # the UI's Source column: what started the run
+            tags["mlflow.source.type"] = "LOCAL"
+            tags["mlflow.source.name"] = (f"raymoe train {loop_config['config_path']}" if loop_config.get("config_path")
+                                          else f"raymoe ({run_name})")
             if env_tags.get("raymoe.env.git_commit", "none") != "none":
                 tags["mlflow.source.git.commit"] = environment["git_commit"]
             if loop_config.get("mlflow_parent_run_id"):

@@ -14,6 +14,9 @@ from raymoe.config.errors import ConfigError
 from raymoe.train.loop_config import absolute_tracking_uri, sqlite_path
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+# MLflow 3.17's UI picks GenAI or model training from this URL parameter (else the browser's last choice; GenAI
+# first); raymoe's experiments also carry the experiment-kind tag (raymoe/tracking/mlflow_run.py)
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"raymoe ui: note: {db} does not exist yet (no run has been tracked here); the UI will be empty",
               file=sys.stderr)
     command = ui_command_line(args.uri, args.port, args.host)
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store {absolute_tracking_uri(args.uri)}; Ctrl+C stops it)",
-          flush=True)
+    print(f"MLflow UI on http://{args.host}:{args.port}/#/experiments{MODEL_TRAINING_VIEW}  (store "
+          f"{absolute_tracking_uri(args.uri)}; Ctrl+C stops it)", flush=True)
     return serve(command)
 
 
