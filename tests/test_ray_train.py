@@ -285,3 +285,24 @@ def test_unreachable_address_is_a_clear_error(tiny_fmnist_root, tmp_path):
     assert f"--address = '127.0.0.1:{port}': no Ray cluster reachable there" in proc.stderr
     assert time.time() - started < 60
     assert not (tmp_path / "ray").exists()
+
+
+def test_a_config_error_inside_the_workers_exits_2_with_its_line(tmp_path, tiny_fmnist_root):
+    """A checkpoint that does not fit is found only where the model is built, inside the Ray Train worker: the
+    user still gets exit 2 and the one config-error line naming the field, as in one process."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = _raw(tiny_fmnist_root, tmp_path, "worker-config-error", epochs=1, num_workers=1, expert_parallel=1)
+    raw["gate"] = {"kind": "softmax"}
+    raw["regularizer"] = {}
+    (tmp_path / "not_a_checkpoint").mkdir()
+    raw["train"]["distill_from"] = str(tmp_path / "not_a_checkpoint")
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "raymoe.cli", "train", str(tmp_path / "exp.yaml")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("raymoe train: config error: ") and "train.distill_from" in last, last

@@ -111,9 +111,16 @@ def test_grid_sweep_end_to_end(tmp_path, tiny_fmnist_root, ray_address, capsys):
     from raymoe.cli import main as cli_main
 
     out = tmp_path / "again"
-    assert cli_main(["report", "t_grid", "--storage", str(tmp_path / "sweeps"), "--out", str(out), "--no-log"]) == 0
+    assert cli_main(["report", "t_grid", "--storage", str(tmp_path / "sweeps"), "--out", str(out), "--no-log",
+                     "--register", "t-grid-best"]) == 0
     printed = capsys.readouterr().out
     assert "paper table" in printed and all(c.info.run_name in printed for c in children)
+    (version,) = client.search_model_versions("name='t-grid-best'")
+    best_run = outcome.report.best[0]
+    assert version.run_id == best_run.run_id
+    assert f"registered t-grid-best version 1 (trial {best_run.run_name})" in printed
+    assert cli_main(["report", "t_grid", "--storage", str(tmp_path / "sweeps"), "--register", "a/b"]) == 2
+    assert "--register" in capsys.readouterr().err
     assert (out / "trials.csv").read_text().count("\n") == 1 + 2
 
 

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from raymoe.config.errors import ConfigError
 from raymoe.config.schema import ExperimentConfig
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
@@ -119,6 +120,9 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
                 raise result.error
         except TrainingFailedError as exc:
             _mark_mlflow_failed(loop_config, f"Ray Train workers failed: {_last_error_line(str(exc))}")
+            config_error = config_error_in(exc)
+            if config_error is not None:  # the same one line and exit 2 as in one process (docs/reliability.md)
+                raise config_error from None
             raise RuntimeError(f"Ray Train run {name} failed (scaling.max_failures = {s.max_failures} restart(s) "
                                f"used up):\n{exc}") from None
         return dict(result.metrics or {})
@@ -126,6 +130,24 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
         if started:
             ray.shutdown()
 
+
+
+def config_error_in(exc: BaseException) -> ConfigError | None:
+    """The ConfigError (bad config or data, e.g. a checkpoint that does not fit) a worker raised, if that is why
+    the run failed: found in Ray Train's per-rank failures, their causes, or the traceback text."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ConfigError):
+            return error
+        stack.extend(getattr(error, "worker_failures", {}).values())
+        stack.extend([error.__cause__, error.__context__, getattr(error, "cause", None)])
+    match = re.search(r"raymoe\.\w+(?:\.\w+)*\.(?:ConfigError|DataError|CheckpointMismatch): (.+)", str(exc))
+    return ConfigError("", None, match.group(1).strip()) if match else None
 
 
 def _last_error_line(text: str) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from raymoe.config.errors import ConfigError
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("sweep", help="the sweep's name (its name: field), e.g. fmnist_gates")
@@ -17,6 +19,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="report folder (default ./reports/<sweep>)")
     parser.add_argument("--storage", default=None, help="folder of sweeps (default ./ray_results/sweeps)")
     parser.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
+    parser.add_argument("--register", default=None, metavar="MODEL_NAME",
+                        help="register the best trial's logged model in the MLflow model registry under this name")
+
+
+def check_model_name(name: str) -> None:
+    """MLflow's own rule for registered model names, applied before anything is read or written."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.validation import _validate_model_name
+
+    try:
+        _validate_model_name(name)
+    except MlflowException as exc:
+        raise ConfigError("--register", name, exc.message.splitlines()[0]) from None
+    if "%" in name:
+        raise ConfigError("--register", name, "a registered model name cannot contain '%'")
+
+
+def register_best(uri: str, report, name: str) -> str:
+    """Register the model logged by the sweep's best trial; returns `name version N`."""
+    import mlflow
+
+    from raymoe.tracking.mlflow_run import client_for
+
+    if not report.best:
+        raise ConfigError("--register", name, "the sweep has no finished trial to register")
+    best = report.best[0]
+    client = client_for(uri)
+    models = [m for m in client.search_logged_models([client.get_run(best.run_id).info.experiment_id])
+              if m.source_run_id == best.run_id]
+    if not models:
+        raise ConfigError("--register", name, f"the best trial {best.run_name} logged no model "
+                                              f"(tracking.log_model was off, or it used expert parallelism)")
+    mlflow.set_tracking_uri(uri)
+    version = mlflow.register_model(models[0].model_uri, name)
+    return f"{name} version {version.version} (trial {best.run_name})"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.tune.mlflow_sweep import read_state
     from raymoe.tune.report import build_report, format_report
 
+    if args.register is not None:
+        check_model_name(args.register)
     sweep_dir = sweep_dir_for(args.sweep, args.storage or DEFAULT_STORAGE)
     state = read_state(sweep_dir) or {}
     uri = absolute_tracking_uri(args.tracking_uri or state.get("tracking_uri") or "sqlite:///mlflow.db")
@@ -34,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
                           log_to_parent=not args.no_log)
     print(format_report(report))
     print(dashboard_hint(sweep_dir))
+    if args.register is not None:
+        print(f"registered {register_best(uri, report, args.register)}")
     return 0
 
 
