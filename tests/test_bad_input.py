@@ -192,6 +192,47 @@ def test_mutated_sweeps_exit_2_naming_the_field(tmp_path_factory):
     check()
 
 
+@st.composite
+def environments(draw) -> tuple[dict[str, str], list[str], str]:
+    """(files to write, extra command-line arguments, text the error line must hold) for the classes that live
+    outside one file: base chains that loop (1-4 files, any entry point), outputs blocked by a file, and command
+    values."""
+    kind = draw(st.sampled_from(["cycle", "blocked", "cli"]))
+    exp = yaml.safe_dump({"name": "g", "data": {"name": "mnist", "root": "/nonexistent/raymoe-test",
+                                                "download": False}})
+    if kind == "cycle":
+        n = draw(st.integers(1, 4))
+        names = [f"c{i}.yaml" for i in range(n)]
+        files = {name: f"base: {names[(i + 1) % n]}\n" for i, name in enumerate(names)}
+        files["exp.yaml"] = f"base: {draw(st.sampled_from(names))}\n" + exp
+        return files, [], "the base chain loops"
+    if kind == "blocked":  # a data set this machine holds, tiny: only the output check can refuse the run
+        setting, value = draw(st.sampled_from([("train.checkpoint_dir", "blocker/ckpt"),
+                                               ("tracking.uri", "sqlite:///blocker/sub/mlflow.db")]))
+        real = yaml.safe_dump({"name": "g", "data": {"name": "fashion_mnist", "train_limit": 64, "test_limit": 64},
+                               "train": {"epochs": 1}})
+        return {"exp.yaml": real, "blocker": "a file\n"}, ["--set", f"{setting}={value}"], "blocker"
+    value = draw(st.sampled_from(["-1", "0", str(10 ** 25)]))
+    sweep = yaml.safe_load(SWEEP.read_text())
+    return {"sweep.yaml": yaml.safe_dump(sweep)}, ["--max-concurrent", value], "--max-concurrent"
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian's Fashion-MNIST missing")
+def test_generated_cycles_blocked_outputs_and_command_values(tmp_path_factory):
+    @SETTINGS
+    @given(environments())
+    def check(example):
+        files, extra, expected = example
+        cwd = tmp_path_factory.mktemp("env")
+        for name, text in files.items():
+            (cwd / name).write_text(text)
+        command = ["tune", "sweep.yaml"] if "sweep.yaml" in files else ["train", "exp.yaml"]
+        code, err = _run_cli(command + extra, cwd)
+        _assert_refused(code, err, expected, cwd)
+
+    check()
+
+
 @pytest.mark.parametrize("files, expected", [
     ({"a.yaml": "base: a.yaml\nname: a\n"}, "a.yaml -> a.yaml"),
     ({"a.yaml": "base: b.yaml\nname: a\n", "b.yaml": "base: a.yaml\n"}, "a.yaml -> b.yaml -> a.yaml"),
