@@ -89,7 +89,8 @@ def test_accumulator_over_batches_equals_the_concatenated_batch():
     one.update(whole, y_all)
     got, ref = acc.compute(), one.compute()
     assert got.keys() == {"error", "top5_error", "mi_true_bits", "mi_pred_bits", "sample_entropy_bits",
-                          "usage_entropy_bits", "importance_cv"}
+                          "usage_entropy_bits", "importance_cv", "max_load_share", "dead_expert_frac",
+                          "load_share/0", "load_share/1", "load_share/2"}
     assert got == pytest.approx(ref, rel=1e-12)
     # and against the metric functions applied to the whole set by hand
     probs = whole.gates[0].probs_NE
@@ -104,6 +105,10 @@ def test_accumulator_over_batches_equals_the_concatenated_batch():
     assert got["sample_entropy_bits"] == pytest.approx(sample_entropy_bits(probs))
     assert got["usage_entropy_bits"] == pytest.approx(usage_entropy_bits(probs.mean(0)))
     assert got["importance_cv"] == pytest.approx(coefficient_of_variation(probs.sum(0)))
+    share = torch.bincount(top, minlength=3).double() / len(top)  # a dense gate: routed share = top-1 share
+    assert [got[f"load_share/{j}"] for j in range(3)] == pytest.approx(share.tolist())
+    assert got["max_load_share"] == pytest.approx(share.max().item())
+    assert got["dead_expert_frac"] == pytest.approx((share < 1 / 30).double().mean().item())
     assert got["error"] == pytest.approx(1 - (whole.log_probs_BC.argmax(1) == y_all).float().mean().item())
     top5 = (whole.log_probs_BC.topk(5, 1).indices == y_all[:, None]).any(1).float().mean().item()
     assert got["top5_error"] == pytest.approx(1 - top5)
@@ -195,3 +200,23 @@ def test_reduce_over_two_gloo_ranks_equals_one_process(tmp_path):
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert got["split"] == pytest.approx(expected, rel=1e-12)
         assert got["lonely"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_load_share_of_a_sparse_router_counts_routed_slots_and_dead_experts():
+    """Top-1 routing of 10 items to 4 experts: counts 6 / 4 / 0 / 0 -> shares .6 .4 0 0, half the experts dead
+    (share < 1/(10E) = 0.025); the first 3 items' top-1 experts are kept for the stability metrics."""
+    from raymoe.metrics.accumulator import _GateSums
+    from raymoe.moe.routing import GateResult
+
+    experts = torch.tensor([0, 0, 1, 0, 1, 0, 1, 0, 1, 0])
+    logits = torch.nn.functional.one_hot(experts, 4).float() * 5
+    probs = logits.softmax(-1)
+    gate = GateResult(probs_NE=probs, weights_NK=probs.gather(1, experts[:, None]), experts_NK=experts[:, None],
+                      logits_NE=logits)
+    sums = _GateSums(4, 2, torch.device("cpu"), keep_items=3)
+    sums.update(gate, torch.zeros(10, dtype=torch.long), torch.zeros(10, dtype=torch.long), None)
+    metrics = sums.metrics()
+    assert [metrics[f"load_share/{j}"] for j in range(4)] == pytest.approx([0.6, 0.4, 0.0, 0.0])
+    assert metrics["dead_expert_frac"] == 0.5 and metrics["max_load_share"] == pytest.approx(0.6)
+    assert torch.cat(sums.first_top1).tolist() == [0, 0, 1]
+

@@ -7,6 +7,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -298,7 +299,12 @@ def test_every_metric_a_sweep_may_name_is_one_the_training_loop_reports():
     test, _ = evaluate(TinyMoE(num_experts=4, d_in=6, num_classes=10), [(x, y)], ctx=DistContext(),
                        num_experts=4, num_classes=10)
     result = EpochResult(loss=1.0, error=0.5, samples=32, steps=1, seconds=1.0, data_seconds=0.0, parts={})
-    reported = epoch_metrics(result, image_metric_names(test, test), eval_seconds=0.1)  # with a validation split
+    from raymoe.train.workload import RoutingStability
+
+    stability = RoutingStability()
+    stability.update([np.array([0, 1, 1])])  # routing stability needs an earlier evaluation
+    routing = stability.update([np.array([0, 1, 0])])
+    reported = epoch_metrics(result, {**image_metric_names(test, test), **routing}, eval_seconds=0.1)  # with val
     expected = set(LOOP_METRICS) - set(LM_ONLY)
     assert expected <= set(reported), sorted(expected - set(reported))
 

@@ -26,7 +26,7 @@ from raymoe.train.identity import run_name
 PER_EPOCH = ("train_loss", "train_error", "val_error", "val_loss", "test_error", "test_loss", "mi_true_bits",
              "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv", "epoch_seconds", "samples_per_s")
 FIGURES = ("figures/expert_class_true.png", "figures/expert_class_pred.png", "figures/expert_usage.png",
-           "figures/gate_entropy.png")
+           "figures/gate_entropy.png", "figures/load_over_training.png", "figures/routing_stability.png")
 
 
 def _experiment(root: Path, name: str = "tiny", **sections) -> dict:
@@ -110,6 +110,12 @@ def test_train_logs_one_run_resumes_and_fresh_restarts(workdir, tiny_fmnist_root
     for key in PER_EPOCH:
         assert [s for s, _ in _history(client, run.info.run_id, key)] == [1, 2], key
     assert [s for s, _ in _history(client, run.info.run_id, "reg_importance")] == [1, 2]
+    for key in ("max_load_share", "dead_expert_frac", "load_share/0", "load_share/2"):  # the observatory
+        assert [s for s, _ in _history(client, run.info.run_id, key)] == [1, 2], key
+    shares = [dict(_history(client, run.info.run_id, f"load_share/{j}"))[2] for j in range(3)]
+    assert sum(shares) == pytest.approx(1.0)
+    (churn,) = _history(client, run.info.run_id, "routing_churn")  # needs an earlier evaluation: epoch 2 only
+    assert churn[0] == 2 and 0.0 <= churn[1] <= 1.0
     test_errors = _history(client, run.info.run_id, "test_error")
     assert all(0.0 <= v <= 1.0 for _, v in test_errors)
     tags = run.data.tags

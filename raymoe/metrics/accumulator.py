@@ -6,7 +6,8 @@ ones), then `compute()` for the scalars and `matrices()` for the figures.
 Sample-level MoE (one gate, N = B): error, top5_error (C > 5), mi_true_bits (expert = argmax gate x true
 label), mi_pred_bits (x class predicted by that expert: the paper's I(E;Y), docs/paper-notes.md §4.2), sample_entropy_bits
 (H_s), usage_entropy_bits (H_u over the WHOLE evaluation set: the reference used its last test batch, docs/paper-notes.md §7.4),
-importance_cv (CV of the summed gate probabilities).
+importance_cv (CV of the summed gate probabilities), max_load_share, dead_expert_frac (experts with a share
+below 1/(10E)) and load_share/{j} (routed counts: docs/observatory.md).
 Token-level models (items_per_sample > 1, one gate per MoE layer): per layer "layer{i}/..." with i the 0-based
 MoE layer: usage_entropy_bits, mi_true_bits (token t of image b labelled y_b), mi_pred_bits (labelled with the
 model's predicted class, as no single expert predicts), sample_entropy_bits (per token), importance_cv,
@@ -38,9 +39,11 @@ def _hist_top(num_experts: int) -> float:
 class _GateSums:
     """Sums for one gate (the sample-level gate, or one token-level MoE layer)."""
 
-    def __init__(self, num_experts: int, num_classes: int, device: torch.device):
+    def __init__(self, num_experts: int, num_classes: int, device: torch.device, keep_items: int = 0):
         f64 = dict(dtype=torch.float64, device=device)
-        self.num_experts = num_experts
+        self.num_experts, self.keep_items = num_experts, keep_items
+        self.first_top1: list[torch.Tensor] = []  # top-1 expert of this rank's first keep_items items (stability)
+        self.kept = 0
         self.scalars = torch.zeros(len(_GATE_SCALARS), **f64)
         self.probs_E = torch.zeros(num_experts, **f64)
         self.load_E = torch.zeros(num_experts, **f64)
@@ -74,6 +77,9 @@ class _GateSums:
         self.pred_EC += torch.bincount(top1_N * c + preds_N, minlength=e * c).view(e, c).double()
         bins_N = (ent_N / _hist_top(e) * HIST_BINS).floor().long().clamp(0, HIST_BINS - 1)
         self.hist += torch.bincount(bins_N, minlength=HIST_BINS).double()
+        if self.kept < self.keep_items:
+            self.first_top1.append(top1_N[:self.keep_items - self.kept].cpu())
+            self.kept += self.first_top1[-1].numel()
 
     def metrics(self) -> dict[str, float]:
         items, entropy_sum, z_sum, dropped_sum, dropped_items = self.scalars.tolist()
@@ -87,7 +93,19 @@ class _GateSums:
         }
         if dropped_items:
             out["dropped_frac"] = dropped_sum / dropped_items
+        share_E = self.load_share()
+        out["max_load_share"] = float(share_E.max())
+        out["dead_expert_frac"] = float((share_E < 1.0 / (10 * self.num_experts)).double().mean())
+        out.update({f"load_share/{j}": float(v) for j, v in enumerate(share_E)})
         return out
+
+    def load_share(self) -> torch.Tensor:
+        """Share of the routed items each expert received (counts, not gate mass): the routed slots of a sparse
+        router, the top-1 choice of a dense gate (where every expert gets every item)."""
+        items = self.scalars[0].item()
+        dense = self.load_E.sum().item() >= items * self.num_experts > 0
+        counts_E = (self.true_EC.sum(1) if dense else self.load_E).cpu()
+        return counts_E / counts_E.sum().clamp_min(1.0)
 
     def matrices(self) -> dict[str, np.ndarray]:
         return {
@@ -103,8 +121,8 @@ class _GateSums:
 class SpecializationAccumulator:
     """Sums over evaluation batches of error, gate entropy, usage and expert x class counts."""
 
-    def __init__(self, num_experts: int, num_classes: int):
-        self.num_experts, self.num_classes = num_experts, num_classes
+    def __init__(self, num_experts: int, num_classes: int, keep_items: int = 0):
+        self.num_experts, self.num_classes, self.keep_items = num_experts, num_classes, keep_items
         self.scalars: torch.Tensor | None = None  # correct, top-5 correct, samples
         self.gates: list[_GateSums] = []
         self.token_level = False
@@ -112,7 +130,7 @@ class SpecializationAccumulator:
     def _init(self, device: torch.device, num_gates: int, token_level: bool, experts: list[int]) -> None:
         self.scalars = torch.zeros(len(_SCALARS), dtype=torch.float64, device=device)
         self.token_level = token_level
-        self.gates = [_GateSums(e, self.num_classes, device) for e in experts[:num_gates]]
+        self.gates = [_GateSums(e, self.num_classes, device, self.keep_items) for e in experts[:num_gates]]
 
     @torch.no_grad()
     def update(self, out: ModelOutput, y_B: torch.Tensor) -> None:
@@ -181,9 +199,14 @@ class SpecializationAccumulator:
         per_layer = [g.metrics() for g in self.gates]
         for i, metrics in enumerate(per_layer):
             out.update({f"layer{i}/{k}": v for k, v in metrics.items()})
-        for key in ("mi_true_bits", "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv"):
+        for key in ("mi_true_bits", "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv",
+                    "max_load_share", "dead_expert_frac"):
             out[key] = float(np.mean([m[key] for m in per_layer]))
         return out
+
+    def first_top1(self) -> list[np.ndarray]:
+        """Per gate (layer), the top-1 expert of this rank's first keep_items routed items, in evaluation order."""
+        return [torch.cat(g.first_top1).numpy() if g.first_top1 else np.zeros(0, np.int64) for g in self.gates]
 
     def matrices(self) -> dict[str, np.ndarray]:
         """Arrays for the figures; token-level ones are prefixed "layer{i}/"."""

@@ -122,20 +122,63 @@ def _token_label(tokenizer, token_id: int) -> str:
     return repr(text)[1:-1][:8] or str(token_id)
 
 
-def load_over_training(history: list[dict], layer: int, num_experts: int) -> Figure:
-    """Each expert's share of routed tokens of one MoE layer at every evaluation (dashed: balanced, 1/E)."""
+def load_over_training(history: list[dict], layer: int | None, num_experts: int, x_label: str = "optimizer step"
+                       ) -> Figure:
+    """Each expert's share of routed items of one MoE layer (None: the sample-level gate) at every evaluation
+    (dashed: balanced, 1/E; dotted: the dead-expert line, 1/(10E))."""
     fig = _figure(7, 3.6)
     ax = fig.add_subplot()
     steps = [h["step"] for h in history]
+    prefix = "" if layer is None else f"layer{layer}/"
     for e in range(num_experts):
-        ax.plot(steps, [h.get(f"layer{layer}/load_share/{e}", math.nan) for h in history], label=f"expert {e}")
+        ax.plot(steps, [h.get(f"{prefix}load_share/{e}", math.nan) for h in history], marker=".",
+                label=f"expert {e}")
     ax.axhline(1.0 / max(num_experts, 1), color="gray", linestyle="--", linewidth=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("share of routed tokens")
-    ax.set_title(f"MoE layer {layer}: expert load over training")
+    ax.axhline(0.1 / max(num_experts, 1), color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("share of routed items")
+    ax.set_title("gate: expert load over training" if layer is None else
+                 f"MoE layer {layer}: expert load over training")
     if num_experts <= 16:
         ax.legend(fontsize=7, ncol=2)
     return fig
+
+
+def routing_stability(history: list[dict], layers: list[int | None], x_label: str = "epoch") -> Figure:
+    """Churn (items whose top-1 expert changed since the previous evaluation) and the adjusted mutual information
+    between the two assignments, per layer, over training (docs/observatory.md)."""
+    fig = _figure(7, 3.6)
+    ax = fig.add_subplot()
+    steps = [h["step"] for h in history]
+    for layer in layers:
+        prefix, name = ("", "gate") if layer is None else (f"layer{layer}/", f"layer {layer}")
+        for key, style in (("routing_churn", "-"), ("routing_ami", "--")):
+            # one MoE layer reports only the top-level keys
+            ax.plot(steps, [h.get(f"{prefix}{key}", h.get(key, math.nan) if len(layers) == 1 else math.nan)
+                            for h in history], marker=".", linestyle=style,
+                    label=f"{name}: {'churn' if key == 'routing_churn' else 'AMI'}")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("fraction / AMI")
+    ax.set_title("routing stability: churn (solid) and AMI with the previous evaluation (dashed)")
+    ax.legend(fontsize=7, ncol=2)
+    return fig
+
+
+def routing_figures(history: list[dict], num_experts: int) -> dict[str, Figure]:
+    """The observatory's figures of an image MoE or ViT-MoE run so far: load per layer and routing stability."""
+    last = history[-1] if history else {}
+    layers: list[int | None] = sorted({int(k.split("/")[0][5:]) for k in last if k.startswith("layer")
+                                       and k.endswith("load_share/0")})
+    if not layers and "load_share/0" in last:
+        layers = [None]
+    out = {}
+    for layer in layers:
+        name = "figures/load_over_training.png" if layer is None else f"figures/layer{layer}/load_over_training.png"
+        out[name] = load_over_training(history, layer, num_experts, x_label="epoch")
+    if layers and any("routing_churn" in h for h in history):
+        out["figures/routing_stability.png"] = routing_stability(history, layers)
+    return out
 
 
 def lm_figures(matrices: dict[str, np.ndarray], history: list[dict], tokenizer=None) -> dict[str, Figure]:

@@ -279,6 +279,10 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
             tracked.log_metrics(metrics, work.mlflow_step(interval))
             history.append({"step": work.mlflow_step(interval), **metrics})
             last_metrics = metrics
+            if isinstance(tracked, TrackedRun) and work.kind == "image":  # updated as the run goes
+                from raymoe.tracking.figures import routing_figures
+
+                tracked.log_figures(routing_figures(history, cfg.model.num_experts))
         if isinstance(tracked, TrackedRun):
             _log_final_artifacts(tracked, matrices, history, work)
             if cfg.tracking.log_model and cfg.scaling.expert_parallel == 1:  # EP shards the experts over ranks

@@ -204,16 +204,19 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, *, ctx: DistContext, num_experts: int, num_classes: int,
-             bn_eval: bool = True) -> tuple[dict[str, float], dict]:
+             bn_eval: bool = True, keep_items: int = 0) -> tuple[dict[str, float], dict]:
     """Specialization metrics over the whole evaluation set (counts summed over ranks).
 
+    Args:
+        keep_items: also return, under matrices["first_top1"], each gate's top-1 expert of this rank's first
+            keep_items items (routing stability between evaluations).
     Returns:
         (metrics, matrices): `SpecializationAccumulator.compute()` plus "loss" (mean NLL), and `.matrices()`.
     """
     from raymoe.metrics.accumulator import SpecializationAccumulator
 
     set_eval_mode(model, bn_eval)
-    accumulator = SpecializationAccumulator(num_experts, num_classes)
+    accumulator = SpecializationAccumulator(num_experts, num_classes, keep_items)
     nll = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # [NLL sum, samples] on this rank
     for x, y in batches:
         out = model(x)
@@ -224,5 +227,8 @@ def evaluate(model: nn.Module, batches: Iterable, *, ctx: DistContext, num_exper
     ctx.all_reduce_sum(nll)
     metrics = {k: float(v) for k, v in accumulator.compute().items()}
     metrics["loss"] = nll[0].item() / max(nll[1].item(), 1.0)
-    return metrics, accumulator.matrices()
+    matrices = accumulator.matrices()
+    if keep_items:
+        matrices["first_top1"] = accumulator.first_top1()
+    return metrics, matrices
 

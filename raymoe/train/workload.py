@@ -20,6 +20,34 @@ from raymoe.parallel.context import DistContext
 from raymoe.train.device import epoch_seed
 
 
+STABILITY_ITEMS = 2048  # items (images, or tokens of the first images) compared between evaluations
+
+
+class RoutingStability:
+    """Top-1 experts of a fixed set of evaluation items at the previous evaluation; each update returns the churn
+    and the adjusted mutual information since then (docs/observatory.md), per layer for token-level models."""
+
+    def __init__(self):
+        self.previous: list | None = None
+
+    def update(self, top1: list) -> dict[str, float]:
+        from raymoe.metrics.stability import adjusted_mutual_information, churn
+
+        previous, self.previous = self.previous, top1
+        if not top1 or previous is None or len(previous) != len(top1):
+            return {}
+        pairs = [(p, c) for p, c in zip(previous, top1) if len(p) == len(c) and len(c)]
+        if len(pairs) != len(top1):
+            return {}
+        churns = [churn(p, c) for p, c in pairs]
+        amis = [adjusted_mutual_information(p, c) for p, c in pairs]
+        out = {"routing_churn": float(sum(churns) / len(churns)), "routing_ami": float(sum(amis) / len(amis))}
+        if len(pairs) > 1:
+            for i, (ch, ami) in enumerate(zip(churns, amis)):
+                out.update({f"layer{i}/routing_churn": ch, f"layer{i}/routing_ami": ami})
+        return out
+
+
 class ImageWorkload:
     """The paper's data sets and the ViT: one interval = one epoch over the training set (MLflow step = epoch)."""
 
@@ -34,6 +62,7 @@ class ImageWorkload:
         self.steps_per_interval = math.ceil(self.num_train / cfg.train.batch_size)
         self.intervals = cfg.train.epochs
         self.total_steps = self.intervals * self.steps_per_interval
+        self.stability = RoutingStability()
 
     def build_args(self) -> tuple:
         return self.data.num_classes, self.data.in_channels, self.data.image_size
@@ -57,13 +86,16 @@ class ImageWorkload:
                              augment=self.data.augment, rank=self.ctx.rank, world_size=self.ctx.world_size)
 
     def evaluate(self, model: nn.Module, final: bool) -> tuple[dict[str, float], dict]:
-        """Test-set metrics (the paper's protocol), val_error / val_loss when a validation split is held out, and
-        the matrices for the figures."""
-        test, matrices = self._evaluate(model, self.data.test)
+        """Test-set metrics (the paper's protocol), val_error / val_loss when a validation split is held out,
+        routing stability since the previous evaluation, and the matrices for the figures."""
+        test, matrices = self._evaluate(model, self.data.test, keep_items=STABILITY_ITEMS)
         val = self._evaluate(model, self.data.val)[0] if self.data.val is not None else None
-        return image_metric_names(test, val), matrices
+        metrics = image_metric_names(test, val)
+        top1 = matrices.pop("first_top1", [])
+        metrics.update(self.stability.update(top1))
+        return metrics, matrices
 
-    def _evaluate(self, model: nn.Module, split) -> tuple[dict[str, float], dict]:
+    def _evaluate(self, model: nn.Module, split, keep_items: int = 0) -> tuple[dict[str, float], dict]:
         from raymoe.data.batches import eval_batches
         from raymoe.train.step import evaluate
 
@@ -71,7 +103,7 @@ class ImageWorkload:
         return evaluate(model, eval_batches(split, cfg.train.eval_batch_size, rank=self.ctx.rank,
                                             world_size=self.ctx.world_size),
                         ctx=self.ctx, num_experts=cfg.model.num_experts, num_classes=self.data.num_classes,
-                        bn_eval=cfg.train.bn_eval)
+                        bn_eval=cfg.train.bn_eval, keep_items=keep_items)
 
     def progress(self, interval: int) -> str:
         return f"epoch {interval}/{self.intervals}"

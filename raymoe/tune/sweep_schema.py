@@ -21,10 +21,13 @@ LOOP_METRICS = (
     # language models (model.arch gpt / gpt_moe)
     "val_loss", "val_perplexity", "val_bits_per_byte", "val_error", "test_perplexity", "test_bits_per_byte",
     "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits", "dead_expert_frac", "targets_per_s",
+    # routing (docs/observatory.md): image MoE and ViT-MoE
+    "max_load_share", "routing_churn", "routing_ami",
 )
-IMAGE_ONLY = ("test_error", "top5_error", "mi_pred_bits", "mi_true_bits", "importance_cv")
+IMAGE_ONLY = ("test_error", "top5_error", "mi_pred_bits", "mi_true_bits", "importance_cv", "max_load_share",
+              "routing_churn", "routing_ami")
 LM_ONLY = ("val_perplexity", "val_bits_per_byte", "test_perplexity", "test_bits_per_byte",
-           "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits", "dead_expert_frac")
+           "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits")
 
 
 @dataclass(kw_only=True, slots=True)
