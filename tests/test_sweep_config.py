@@ -87,6 +87,11 @@ def test_test_objective_only_when_asked():
          "space.gate.top_k.when.gate.kind"),                                           # condition can never hold
         ({"metric": "accuracy"}, "metric"),
         ({"metric": "test_error"}, "metric"),                                          # selects on the test set
+        ({"stop_on": {"metric": "dead_expert_frac", "above": 2}}, "stop_on.above"),    # never fires
+        ({"stop_on": {"metric": "nope", "above": 0.5}}, "stop_on.metric"),
+        ({"stop_on": {"above": 0.5, "below": 0.1}}, "stop_on"),
+        ({"stop_on": {"above": 0.5, "after": 0}}, "stop_on.after"),
+        ({"stop_on": {"above": 0.5, "aftr": 2}}, "stop_on.aftr"),
         ({"metric": ["val_error", "test_loss"], "mode": ["min", "min"]}, "metric"),
         ({"base": {"name": "b", "data": {"val_fraction": None}}}, "metric"),           # val_error without a val split
         ({"base": {"name": "b", "data": {"val_fraction": 0.6}}}, "base.data.val_fraction"),

@@ -172,6 +172,31 @@ def test_staged_grid_distills_from_the_best_run_of_another_row(tmp_path, tiny_fm
     assert not (storage / "t_staged_fail" / "stage-1").exists()
 
 
+def test_collapse_stopper_ends_a_collapsed_trial_and_the_sweep_goes_on(tmp_path, tiny_fmnist_root, ray_address):
+    """stop_on: a row whose routing is collapsed by construction (one expert: usage entropy 0) is stopped after its
+    first evaluation and its MLflow run says why; the healthy row trains all its epochs; the sweep reports."""
+    _preset(tmp_path, "one", tiny_fmnist_root, model={"num_experts": 1}, train={"epochs": 3})
+    _preset(tmp_path, "three", tiny_fmnist_root, regularizer={"importance": 1.0}, train={"epochs": 3})
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    sweep_file = tmp_path / "stop.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "t_stop", "strategy": "grid", "metric": "train_error", "max_concurrent_trials": 2,
+        "rows": [{"method": "one.yaml"}, {"method": "three.yaml"}],
+        "stop_on": {"metric": "usage_entropy_bits", "below": 0.01, "after": 1},
+        "tracking": {"uri": uri, "experiment": "t-stop"}}))
+    outcome = run_sweep(load_sweep(sweep_file), storage_root=tmp_path / "sweeps", report_dir=tmp_path / "report",
+                        shutdown=False)
+    assert not outcome.interrupted and outcome.num_errors == 0 and outcome.report is not None
+    client = _client(uri)
+    children = {c.data.tags["raymoe.category"]: c for c in _children(client, outcome.parent_run_id)}
+    one, three = children["one"], children["three"]
+    assert "routing collapsed: usage_entropy_bits = 0 < 0.01" in one.data.tags["raymoe.stopped_reason"]
+    assert one.info.status == "FINISHED" and one.data.tags.get("raymoe.stopped_early") == "true"
+    assert _steps(client, one.info.run_id) == [1]
+    assert three.info.status == "FINISHED" and "raymoe.stopped_reason" not in three.data.tags
+    assert _steps(client, three.info.run_id) == [1, 2, 3]
+
+
 def test_paper_table_from_hand_made_runs(tmp_path):
     """The report on a hand-filled MLflow store: per category the FINISHED run with the lowest TRAINING error
     (not the lowest test error), the std of test error over the whole category (ddof 1), mean +- std per point."""

@@ -275,8 +275,9 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
                      "config": loop_config["experiment"]}
             folder = reporter.staging_dir(interval)
             save_checkpoint(folder, model=model, optimizer=optimizer, epoch=interval, ctx=ctx, extra=extra)
-            reporter.report(metrics, folder, interval)
+            # MLflow first: a scheduler or stopper may end the trial inside report()
             tracked.log_metrics(metrics, work.mlflow_step(interval))
+            reporter.report(metrics, folder, interval)
             history.append({"step": work.mlflow_step(interval), **metrics})
             last_metrics = metrics
             if isinstance(tracked, TrackedRun) and work.kind == "image":  # updated as the run goes

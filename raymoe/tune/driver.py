@@ -305,7 +305,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
               f"({chosen}); MLflow parent run {parent.run_id} in {uri} (experiment {experiment!r})", flush=True)
         fit_start = time.perf_counter()
         try:
-            trials, interrupted = _fit_stages(sweep, sweep_dir, trainable, concurrency, resume)
+            trials, interrupted = _fit_stages(sweep, sweep_dir, trainable, concurrency, resume, plan)
         except ConfigError as exc:  # a best_of row whose dependency produced no usable run: later stages not started
             mlflow_sweep.finish_parent(parent, "FAILED", {"raymoe.failure": str(exc)})
             raise
@@ -337,8 +337,8 @@ def stage_dir_for(sweep_dir: Path, stage: int) -> Path:
     return sweep_dir if stage == 0 else sweep_dir / f"stage-{stage}"
 
 
-def _fit_stages(sweep: Sweep, sweep_dir: Path, trainable, concurrency: int,
-                resume: bool) -> tuple[list[tuple[str, str, str | None]], bool]:
+def _fit_stages(sweep: Sweep, sweep_dir: Path, trainable, concurrency: int, resume: bool,
+                plan) -> tuple[list[tuple[str, str, str | None]], bool]:
     """Run the sweep's stages in order (one Tune experiment each); returns (trial states, interrupted).
 
     A grid row with a best_of setting gets it here, from the trials of earlier stages (raymoe.tune.stages)."""
@@ -362,7 +362,7 @@ def _fit_stages(sweep: Sweep, sweep_dir: Path, trainable, concurrency: int,
                 trainable, param_space=_param_space(sweep, points),
                 tune_config=_tune_config(sweep, concurrency, sweep_dir),
                 run_config=ray.tune.RunConfig(
-                    name=stage_dir.name, storage_path=str(stage_dir.parent), verbose=1,
+                    name=stage_dir.name, storage_path=str(stage_dir.parent), verbose=1, stop=_stopper(sweep, plan),
                     failure_config=ray.tune.FailureConfig(max_failures=sweep.config.max_failures, fail_fast=False)))
         results = tuner.fit()
         states = _trial_states(results)
@@ -372,6 +372,17 @@ def _fit_stages(sweep: Sweep, sweep_dir: Path, trainable, concurrency: int,
         if stage != stages[-1]:  # only later stages read them (best_of)
             finished.extend(_finished_trials(results))
     return trials, False
+
+
+def _stopper(sweep: Sweep, plan):
+    """The routing-collapse stopper of `stop_on`, or None."""
+    stop = sweep.config.stop_on
+    if stop is None:
+        return None
+    from raymoe.tune.collapse import CollapseStopper
+
+    return CollapseStopper(stop.metric, stop.above, stop.below, stop.after, plan.tracking_uri, plan.experiment,
+                           plan.sweep_name)
 
 
 def _finished_trials(results) -> list[dict[str, Any]]:

@@ -186,6 +186,18 @@ def _check_top_level(cfg: SweepConfig) -> None:
         _require(asha.max_t is None or asha.grace_period <= asha.max_t, "scheduler.asha.grace_period",
                  asha.grace_period, f"must be <= max_t ({asha.max_t})")
         _require(asha.reduction_factor > 1, "scheduler.asha.reduction_factor", asha.reduction_factor, "must be > 1")
+    if cfg.stop_on is not None:
+        stop = cfg.stop_on
+        _require(stop.metric in LOOP_METRICS, "stop_on.metric", stop.metric,
+                 f"unknown metric; the training loop reports {list(LOOP_METRICS)}")
+        _require((stop.above is None) != (stop.below is None), "stop_on", "above/below",
+                 "give exactly one of above or below")
+        threshold = stop.above if stop.above is not None else stop.below
+        where = "stop_on.above" if stop.above is not None else "stop_on.below"
+        bounded = stop.metric in ("dead_expert_frac", "max_load_share", "routing_churn", "routing_ami")
+        _require(not bounded or -1.0 <= threshold <= 1.0, where, threshold, f"{stop.metric} lies in [0, 1] "
+                 "(AMI in [-1, 1]); a threshold outside it never or always fires")
+        _require(1 <= stop.after <= 10_000, "stop_on.after", stop.after, "must be in [1, 10000] evaluations")
     res = cfg.resources
     _require(res.num_workers >= 1, "resources.num_workers", res.num_workers,
              "must be >= 1 (each trial is a Ray Train run)")

@@ -65,6 +65,17 @@ class SchedulerConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class StopOnConfig:
+    """Routing-collapse stopper (raymoe/tune/collapse.py): end a trial once `metric` has been above (or below)
+    the threshold at `after` evaluations in a row; the sweep goes on."""
+
+    metric: str = "dead_expert_frac"
+    above: float | None = None
+    below: float | None = None
+    after: int = 3
+
+
+@dataclass(kw_only=True, slots=True)
 class ResourcesConfig:
     num_workers: int = 1  # Ray Train workers per trial (sets scaling.num_workers)
     use_gpu: bool = False  # sets scaling.use_gpu
@@ -102,6 +113,7 @@ class SweepConfig:
     sampler: Literal["tpe", "nsga2", "random"] = "tpe"
     sampler_seed: int = 0
     scheduler: SchedulerConfig | None = None
+    stop_on: StopOnConfig | None = None  # e.g. {metric: dead_expert_frac, above: 0.5, after: 3}
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     max_concurrent_trials: int | None = None  # None = cluster resources // per-trial need
     max_failures: int = 0  # retries of a failed trial (Tune FailureConfig); failed trials never stop the sweep
