@@ -1,0 +1,56 @@
+"""`raymoe analyze`: counterfactual routings of a trained paper MoE, against the model's own evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from raymoe.analysis.counterfactual import load_matched
+from raymoe.cli import main
+
+
+def test_load_matched_routing_keeps_every_experts_count():
+    top1 = torch.tensor([0, 0, 0, 1, 2, 2, 3, 0, 1, 2])
+    shuffled = load_matched(top1, torch.Generator().manual_seed(3))
+    assert torch.equal(torch.bincount(shuffled, minlength=4), torch.bincount(top1, minlength=4))
+    assert not torch.equal(shuffled, top1)  # but not the learned assignment
+
+
+def test_analyze_a_trained_run(tmp_path, tiny_fmnist_root, monkeypatch, capsys, restore_torch_state):
+    monkeypatch.chdir(tmp_path)
+    exp = {"name": "cf", "data": {"name": "fashion_mnist", "root": str(tiny_fmnist_root), "download": False},
+           "model": {"num_experts": 3}, "gate": {"kind": "attentive"}, "train": {"epochs": 2, "batch_size": 64},
+           "tracking": {"system_metrics_s": None, "log_model": False}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    assert main(["train", "exp.yaml"]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("raymoe").experiment_id])
+    name = run.data.tags["raymoe.run_name"]
+    capsys.readouterr()
+
+    assert main(["analyze", name]) == 0
+    out = capsys.readouterr().out
+    assert "early gate from epoch 1" in out
+    from pathlib import Path
+
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "analysis/counterfactual.json",
+                                                      str(tmp_path))).read_text())
+    rows = {r["routing"]: r for r in table}
+    assert list(rows) == ["learned", "learned top-1", "uniform mixture", "random expert", "load-matched random",
+                          "early gate"]
+    # the learned routing, recomputed from the expert outputs, is exactly the model's own final evaluation
+    assert rows["learned"]["test_error"] == pytest.approx(run.data.metrics["test_error"], abs=1e-9)
+    assert rows["learned"]["test_loss"] == pytest.approx(run.data.metrics["test_loss"], rel=1e-5)
+    assert all(0.0 <= r["test_error"] <= 1.0 for r in table)
+    logged = client.get_run(run.info.run_id).data.metrics
+    capsys.readouterr()  # the download's progress bar
+    assert logged["cf/load_matched_random/test_error"] == pytest.approx(rows["load-matched random"]["test_error"])
+
+    assert main(["analyze", "no-such-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "target" in err[0] and "no-such-run" in err[0]
+    assert main(["analyze", name, "--early-epoch", "7"]) == 2
