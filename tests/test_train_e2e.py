@@ -26,6 +26,7 @@ from raymoe.train.identity import run_name
 PER_EPOCH = ("train_loss", "train_error", "val_error", "val_loss", "test_error", "test_loss", "mi_true_bits",
              "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv", "epoch_seconds", "samples_per_s")
 FIGURES = ("figures/expert_class_true.png", "figures/expert_class_pred.png", "figures/expert_usage.png",
+           "figures/exemplars.png",
            "figures/gate_entropy.png", "figures/load_over_training.png", "figures/routing_stability.png")
 
 

@@ -285,7 +285,7 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
 
                 tracked.log_figures(routing_figures(history, cfg.model.num_experts))
         if isinstance(tracked, TrackedRun):
-            _log_final_artifacts(tracked, matrices, history, work)
+            _log_final_artifacts(tracked, matrices, history, work, getattr(model, "module", model))
             if cfg.tracking.log_model and cfg.scaling.expert_parallel == 1:  # EP shards the experts over ranks
                 from raymoe.tracking.native import log_final_model
 
@@ -323,7 +323,8 @@ def _native_tracking(tracked, cfg: ExperimentConfig, work, uri: str):
     return SystemMetrics(tracked.run_id, uri, interval) if interval is not None else None
 
 
-def _log_final_artifacts(tracked: TrackedRun, matrices: dict, history: list[dict], work) -> None:
+def _log_final_artifacts(tracked: TrackedRun, matrices: dict, history: list[dict], work,
+                         model: nn.Module | None = None) -> None:
     """Figures of the final evaluation plus the raw matrices as JSON (for reports)."""
     import numpy as np
 
@@ -337,3 +338,23 @@ def _log_final_artifacts(tracked: TrackedRun, matrices: dict, history: list[dict
         return
     tracked.log_figures(specialization_figures(matrices, "test"))
     tracked.log_dict({k: np.asarray(v).tolist() for k, v in matrices.items()}, "metrics/test_matrices.json")
+    if model is not None and getattr(work.ctx, "world_size", 1) == 1:  # one process holds every expert
+        tracked.log_figures(exemplar_figures(model, work))
+
+
+def exemplar_figures(model: nn.Module, work) -> dict:
+    """Per gate (layer): each expert's 8 highest-weighted test images (docs/observatory.md)."""
+    from raymoe.analysis.exemplars import exemplar_figure, top_images
+    from raymoe.data.batches import eval_batches
+    from raymoe.data.stats import dataset_info
+
+    test = work.data.test
+    info = dataset_info(work.data.name)
+    found = top_images(model, eval_batches(test, work.cfg.train.eval_batch_size))
+    out = {}
+    for i, (indices_EN, weights_EN) in enumerate(found):
+        name = "figures/exemplars.png" if len(found) == 1 else f"figures/layer{i}/exemplars.png"
+        out[name] = exemplar_figure(test.x, indices_EN, weights_EN, info.mean, info.std, test.y,
+                                    title=f"{'gate' if len(found) == 1 else f'MoE layer {i}'}: each expert's "
+                                          f"highest-weighted test images (gate weight, label)")
+    return out
