@@ -18,6 +18,7 @@ COMMANDS = {
     "tune": ("raymoe.tune.command", "hyperparameter search with Ray Tune + Optuna"),
     "report": ("raymoe.tune.report_command", "tables and plots of a sweep from MLflow"),
     "analyze": ("raymoe.analysis.command", "how much the learned routing matters: counterfactual routings"),
+    "compare": ("raymoe.analysis.compare", "final metrics and curves of several runs side by side, in MLflow"),
     "bench": ("raymoe.bench.command", "benchmarks: train | ep | moe-layer | tune"),
     "ui": ("raymoe.tracking.ui_command", "open the MLflow UI over the project's tracking store"),
     "demo": ("raymoe.demo", "the main job: a small real experiment on Fashion-MNIST"),

@@ -54,3 +54,26 @@ def test_analyze_a_trained_run(tmp_path, tiny_fmnist_root, monkeypatch, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "target" in err[0] and "no-such-run" in err[0]
     assert main(["analyze", name, "--early-epoch", "7"]) == 2
+
+
+def test_compare_two_runs_logs_a_linked_comparison(tmp_path, tiny_fmnist_root, monkeypatch, capsys,
+                                                   restore_torch_state):
+    monkeypatch.chdir(tmp_path)
+    exp = {"name": "cmp", "data": {"name": "fashion_mnist", "root": str(tiny_fmnist_root), "download": False},
+           "model": {"num_experts": 2}, "train": {"epochs": 2, "batch_size": 64},
+           "tracking": {"system_metrics_s": None, "log_model": False}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    assert main(["train", "exp.yaml"]) == 0 and main(["train", "exp.yaml", "--set", "seed=1"]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    a, b = client.search_runs([client.get_experiment_by_name("raymoe").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    capsys.readouterr()
+    assert main(["compare", a.data.tags["raymoe.run_name"], b.info.run_id]) == 0  # by name and by id
+    out = capsys.readouterr().out
+    row_a = next(line for line in out.splitlines() if line.startswith(f"| {a.data.tags['raymoe.run_name']} |"))
+    assert f"{a.data.metrics['test_error']:.4g}" in row_a
+    (comparison,) = client.search_runs([client.get_experiment_by_name("raymoe-compare").experiment_id])
+    assert comparison.data.tags["raymoe.compared_runs"] == f"{a.info.run_id},{b.info.run_id}"
+    assert {f.path for f in client.list_artifacts(comparison.info.run_id, "comparison")} == {
+        "comparison/table.md", "comparison/curves.png"}
+    assert main(["compare", "only-one"]) == 2
