@@ -419,3 +419,15 @@ def test_local_sweeps_run_no_more_trials_than_physical_cores():
     assert local_concurrency(4, 1.0, cores=2) == 2  # 4 logical CPUs on a 2-core laptop: 2 trials
     assert local_concurrency(4, 2.0, cores=2) == 1 and local_concurrency(4, 1.5, cores=8) == 4
     assert local_concurrency(1, 4.0, cores=2) == 1  # never 0
+
+
+def test_per_layer_and_per_expert_metrics_are_valid_objectives():
+    from raymoe.tune.sweep_schema import is_reported
+
+    for good in ("layer1/dead_expert_frac", "load_share/3", "layer0/load_share/12", "routing_ami", "val_error"):
+        assert is_reported(good), good
+    for bad in ("layer/dead_expert_frac", "layer1/test_error", "load_share/x", "dead_expert"):
+        assert not is_reported(bad), bad
+    sweep = load_sweep(raw=_sweep(metric="layer1/dead_expert_frac", stop_on={"metric": "layer0/max_load_share",
+                                                                             "above": 0.9}))
+    assert sweep.config.metrics == ["layer1/dead_expert_frac"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from raymoe.config.errors import ConfigError
-from raymoe.tune.sweep_schema import LOOP_METRICS, Mode
+from raymoe.tune.sweep_schema import LOOP_METRICS, Mode, is_reported
 
 # Settings a best_of reference can fill, and what of the picked run it fills them with.
 FROM_RUN = {"train.distill_from": "its last checkpoint"}
@@ -42,7 +42,7 @@ def parse_reference(value: dict[str, Any], where: str, key: str, categories: lis
         raise ConfigError(f"{where}.best_of", ref.best_of, f"names no row of this grid; rows: {categories}")
     if ref.best_of == own:
         raise ConfigError(f"{where}.best_of", ref.best_of, "a row cannot take a setting from itself")
-    if ref.by not in LOOP_METRICS:
+    if not is_reported(ref.by):
         raise ConfigError(f"{where}.by", ref.by, f"unknown metric; the training loop reports {list(LOOP_METRICS)}")
     return ref
 

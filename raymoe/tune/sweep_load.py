@@ -26,7 +26,7 @@ from raymoe.config.load import (SEED_MAX, apply_overrides, flatten, from_dict, l
 from raymoe.config.schema import ExperimentConfig
 from raymoe.tune.grid import GridPoint, expand_grid, expand_row, row_category
 from raymoe.tune.stages import is_reference, parse_reference, stage_numbers
-from raymoe.tune.sweep_schema import LOOP_METRICS, ParamSpec, SweepConfig
+from raymoe.tune.sweep_schema import LOOP_METRICS, PER_LAYER, ParamSpec, SweepConfig, is_reported
 
 MAX_TRIALS = 100_000  # sampled points of one sweep; more is a typo, not a plan
 MAX_SEEDS = 10_000
@@ -156,8 +156,9 @@ def _check_top_level(cfg: SweepConfig) -> None:
     _require(len(metrics) >= 1, "metric", cfg.metric, "give at least one metric")
     for i, metric in enumerate(metrics):
         where = "metric" if isinstance(cfg.metric, str) else f"metric[{i}]"
-        _require(metric in LOOP_METRICS, where, metric,
-                 f"unknown metric; the training loop reports {list(LOOP_METRICS)}")
+        _require(is_reported(metric), where, metric,
+                 f"unknown metric; the training loop reports {list(LOOP_METRICS)} and per MoE layer "
+                 f"layer<i>/<key> for {list(PER_LAYER)}, load_share/<expert>")
     _require(len(set(metrics)) == len(metrics), "metric", cfg.metric, "lists a metric twice")
     tests = [m for m in metrics if m.startswith("test_")]
     _require(not tests or cfg.allow_test_objective, "metric", cfg.metric,
@@ -188,13 +189,14 @@ def _check_top_level(cfg: SweepConfig) -> None:
         _require(asha.reduction_factor > 1, "scheduler.asha.reduction_factor", asha.reduction_factor, "must be > 1")
     if cfg.stop_on is not None:
         stop = cfg.stop_on
-        _require(stop.metric in LOOP_METRICS, "stop_on.metric", stop.metric,
-                 f"unknown metric; the training loop reports {list(LOOP_METRICS)}")
+        _require(is_reported(stop.metric), "stop_on.metric", stop.metric,
+                 f"unknown metric; the training loop reports {list(LOOP_METRICS)} and per-layer keys")
         _require((stop.above is None) != (stop.below is None), "stop_on", "above/below",
                  "give exactly one of above or below")
         threshold = stop.above if stop.above is not None else stop.below
         where = "stop_on.above" if stop.above is not None else "stop_on.below"
-        bounded = stop.metric in ("dead_expert_frac", "max_load_share", "routing_churn", "routing_ami")
+        bounded = stop.metric.split("/")[-1] in ("dead_expert_frac", "max_load_share", "routing_churn",
+                                                 "routing_ami") or "load_share/" in stop.metric
         _require(not bounded or -1.0 <= threshold <= 1.0, where, threshold, f"{stop.metric} lies in [0, 1] "
                  "(AMI in [-1, 1]); a threshold outside it never or always fires")
         _require(1 <= stop.after <= 10_000, "stop_on.after", stop.after, "must be in [1, 10000] evaluations")

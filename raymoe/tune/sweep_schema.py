@@ -6,6 +6,7 @@ loader's `from_dict`, cross-field rules by `raymoe.tune.sweep_load.load_sweep`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +27,19 @@ LOOP_METRICS = (
 )
 IMAGE_ONLY = ("test_error", "top5_error", "mi_pred_bits", "mi_true_bits", "importance_cv", "max_load_share",
               "routing_churn", "routing_ami")
+# Per-gate keys that token-level models also report per MoE layer as "layer{i}/<key>" (raymoe/metrics/).
+PER_LAYER = ("mi_true_bits", "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv", "router_z",
+             "dropped_frac", "max_load_share", "dead_expert_frac", "routing_churn", "routing_ami",
+             "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits")
+_REPORTED = re.compile(r"^(?:layer\d+/)?(?:" + "|".join(PER_LAYER) + r"|load_share/\d+)$")
+
+
+def is_reported(metric: str) -> bool:
+    """A metric train_fn reports: the loop's own, or a per-layer / per-expert routing key (layer1/dead_expert_frac,
+    load_share/3)."""
+    return metric in LOOP_METRICS or bool(_REPORTED.match(metric))
+
+
 LM_ONLY = ("val_perplexity", "val_bits_per_byte", "test_perplexity", "test_bits_per_byte",
            "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits")
 
