@@ -77,3 +77,47 @@ def test_compare_two_runs_logs_a_linked_comparison(tmp_path, tiny_fmnist_root, m
     assert {f.path for f in client.list_artifacts(comparison.info.run_id, "comparison")} == {
         "comparison/table.md", "comparison/curves.png"}
     assert main(["compare", "only-one"]) == 2
+
+
+def test_counterfactual_router_modes_keep_what_they_promise():
+    from raymoe.analysis.counterfactual import CounterfactualRouter
+    from raymoe.moe.routing import GateResult
+
+    class Fixed(torch.nn.Module):
+        token_choice, num_experts = True, 4
+
+        def forward(self, x, experts):
+            logits = torch.arange(24.0).view(6, 4) % 5
+            probs = logits.softmax(-1)
+            w, e = probs.topk(2, dim=-1)
+            return GateResult(probs_NE=probs, weights_NK=w, experts_NK=e, logits_NE=logits)
+
+    learned = Fixed()(None, None)
+    gen = torch.Generator().manual_seed(0)
+    matched = CounterfactualRouter(Fixed(), "load-matched random", gen)(torch.zeros(6, 3), None)
+    assert torch.equal(torch.bincount(matched.experts_NK.flatten(), minlength=4),
+                       torch.bincount(learned.experts_NK.flatten(), minlength=4))
+    rand = CounterfactualRouter(Fixed(), "random expert", gen)(torch.zeros(6, 3), None)
+    assert torch.equal(rand.weights_NK, learned.weights_NK)  # same weights, other experts, distinct per token
+    assert all(len(set(row.tolist())) == 2 for row in rand.experts_NK)
+    uniform = CounterfactualRouter(Fixed(), "uniform mixture", gen)(torch.zeros(6, 3), None)
+    assert uniform.experts_NK.shape == (6, 4) and torch.allclose(uniform.weights_NK, torch.full((6, 4), 0.25))
+
+
+def test_analyze_a_vit_moe_layer_by_layer(tmp_path, tiny_fmnist_root, monkeypatch, capsys, restore_torch_state):
+    monkeypatch.chdir(tmp_path)
+    exp = {"name": "cfvit", "data": {"name": "fashion_mnist", "root": str(tiny_fmnist_root), "download": False},
+           "model": {"arch": "vit_moe", "num_experts": 4, "vit": {"patch_size": 7, "dim": 16, "depth": 2,
+                                                                  "heads": 2, "mlp_dim": 16, "moe_every": 1}},
+           "gate": {"kind": "topk", "top_k": 2}, "train": {"epochs": 2, "batch_size": 64},
+           "tracking": {"system_metrics_s": None, "log_model": False}}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    assert main(["train", "exp.yaml"]) == 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("raymoe").experiment_id])
+    capsys.readouterr()
+    assert main(["analyze", run.data.tags["raymoe.run_name"], "--no-log"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [line.split(" | ") for line in lines[1:]]
+    assert len(rows) == 1 + 2 * 4  # learned, then 2 MoE layers x 4 counterfactuals
+    assert float(rows[0][2]) == pytest.approx(run.data.metrics["test_error"], abs=5e-5)  # printed to 4 digits

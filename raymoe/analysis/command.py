@@ -1,6 +1,6 @@
 """`raymoe analyze RUN_NAME_OR_CHECKPOINT`: how much does the learned routing matter? (docs/observatory.md)
 
-Re-evaluates a trained paper MoE on its test set with the routing replaced (raymoe/analysis/counterfactual.py),
+Re-evaluates a trained paper MoE (or a ViT-MoE, one MoE layer at a time) on its test set with the routing replaced (raymoe/analysis/counterfactual.py),
 prints the table and logs it to the run's MLflow run (artifact analysis/counterfactual.md, metrics
 cf/<routing>/test_error) when that run is in the tracking store.
 """
@@ -53,16 +53,16 @@ def _model(folder: Path):
 
     state, extra = load_full_state(folder)
     cfg = load_experiment(raw=extra["config"])
-    if cfg.model.arch != "moe":
-        raise ConfigError("target", str(folder), f"counterfactual routing is built for the paper MoE (model.arch "
-                                                 f"moe) so far; this run is {cfg.model.arch}")
+    if cfg.model.arch not in ("moe", "vit_moe"):
+        raise ConfigError("target", str(folder), f"counterfactual routing is built for the image MoEs (model.arch "
+                                                 f"moe, vit_moe); this run is {cfg.model.arch}")
     model = initial_model(cfg)
     model.load_state_dict(state)
     return cfg, model, int(extra.get("epoch", 0))
 
 
 def run(args: argparse.Namespace) -> int:
-    from raymoe.analysis.counterfactual import counterfactual_table
+    from raymoe.analysis.counterfactual import counterfactual_table, token_counterfactual_table
     from raymoe.data.batches import eval_batches
     from raymoe.data.datasets import load_dataset
 
@@ -75,12 +75,20 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     data = load_dataset(cfg.data, torch.device("cpu"))
-    table = counterfactual_table(model, eval_batches(data.test, cfg.train.eval_batch_size), seed=args.seed,
-                                 early=early)
+    batches = list(eval_batches(data.test, cfg.train.eval_batch_size))
+    if cfg.model.arch == "moe":
+        table = counterfactual_table(model, batches, seed=args.seed, early=early)
+    else:  # one MoE layer replaced at a time
+        table = token_counterfactual_table(model, batches, seed=args.seed, early=early)
     lines = [f"counterfactual routing, {cfg.name} after epoch {final_epoch} ({len(data.test)} test images"
-             + (f"; early gate from epoch {early_epoch}" if early is not None else "") + ")",
-             "| routing | test error | test loss |", "|---|---|---|"]
-    lines += [f"| {r['routing']} | {r['test_error']:.4f} | {r['test_loss']:.4f} |" for r in table]
+             + (f"; early gate from epoch {early_epoch}" if early is not None else "") + ")"]
+    if cfg.model.arch == "moe":
+        lines += ["| routing | test error | test loss |", "|---|---|---|"]
+        lines += [f"| {r['routing']} | {r['test_error']:.4f} | {r['test_loss']:.4f} |" for r in table]
+    else:
+        lines += ["| MoE layer | routing | test error | test loss |", "|---|---|---|---|"]
+        lines += [f"| {r['layer']} | {r['routing']} | {r['test_error']:.4f} | {r['test_loss']:.4f} |"
+                  for r in table]
     text = "\n".join(lines)
     print(text)
     if not args.no_log:
@@ -102,6 +110,7 @@ def _log(cfg, final: Path, text: str, table: list[dict]) -> None:
     _retry(client.log_text, run_id, text + "\n", "analysis/counterfactual.md")
     _retry(client.log_text, run_id, json.dumps(table, indent=2), "analysis/counterfactual.json")
     for row in table:
-        key = "cf/" + row["routing"].replace(" ", "_").replace("-", "_") + "/test_error"
+        layer = f"layer{row['layer']}/" if row.get("layer", "all") != "all" else ""
+        key = f"cf/{layer}" + row["routing"].replace(" ", "_").replace("-", "_") + "/test_error"
         _retry(client.log_metric, run_id, key, row["test_error"])
     print(f"logged to MLflow run {run_id}")

@@ -73,3 +73,71 @@ def counterfactual_table(model: ExpectationMoE, batches, seed: int = 0,
         n += b
     return [{"routing": name, "test_error": totals[name][0] / n, "test_loss": totals[name][1] / n}
             for name in routings]
+
+
+class CounterfactualRouter(torch.nn.Module):
+    """Wraps a token router and replaces its choices (one MoE layer of a ViT-MoE):
+    random expert: the same weights, on uniformly random distinct experts; load-matched random: each token takes
+    another token's choices and weights (a permutation: every expert keeps its count); uniform mixture: every
+    expert with weight 1/E; early gate: another router (an earlier checkpoint's) decides."""
+
+    def __init__(self, router: torch.nn.Module, mode: str, generator: torch.Generator,
+                 early: torch.nn.Module | None = None):
+        super().__init__()
+        self.inner, self.mode, self.generator, self.early = router, mode, generator, early
+        self.token_choice, self.num_experts = router.token_choice, router.num_experts
+
+    def forward(self, x_ND: torch.Tensor, experts):
+        import dataclasses
+
+        if self.mode == "early gate":
+            return self.early(x_ND, experts)
+        gate = self.inner(x_ND, experts)
+        n, k = gate.experts_NK.shape
+        e = self.num_experts
+        if self.mode == "random expert":
+            picks_NK = torch.rand(n, e, generator=self.generator).argsort(-1)[:, :k].to(gate.experts_NK.device)
+            return dataclasses.replace(gate, experts_NK=picks_NK)
+        if self.mode == "load-matched random":
+            perm = torch.randperm(n, generator=self.generator).to(gate.experts_NK.device)
+            return dataclasses.replace(gate, experts_NK=gate.experts_NK[perm], weights_NK=gate.weights_NK[perm])
+        if self.mode == "uniform mixture":
+            all_NE = torch.arange(e, device=x_ND.device).expand(n, e)
+            return dataclasses.replace(gate, experts_NK=all_NE, weights_NK=torch.full((n, e), 1.0 / e,
+                                                                                      device=x_ND.device))
+        raise ValueError(f"unknown counterfactual routing {self.mode!r}")
+
+
+@torch.no_grad()
+def token_counterfactual_table(model: torch.nn.Module, batches: list, seed: int = 0,
+                               early: torch.nn.Module | None = None) -> list[dict]:
+    """Per MoE layer of a token-level model, the test error and loss with that layer's routing replaced (the other
+    layers as learned), after a row for the learned routing. `batches` is a list (it is walked once per row)."""
+    from raymoe.moe.token.layer import TokenMoE
+
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, TokenMoE)]
+    early_layers = [m for m in early.modules() if isinstance(m, TokenMoE)] if early is not None else []
+    generator = torch.Generator().manual_seed(seed)
+
+    def score(layer: str, routing: str) -> dict:
+        errors = nll = n = 0.0
+        for x, y in batches:
+            log_probs = model(x).log_probs_BC
+            errors += float((log_probs.argmax(-1) != y).sum())
+            nll += float(F.nll_loss(log_probs, y, reduction="sum"))
+            n += y.shape[0]
+        return {"layer": layer, "routing": routing, "test_error": errors / n, "test_loss": nll / n}
+
+    rows = [score("all", "learned")]
+    modes = ["uniform mixture", "random expert", "load-matched random"] + (["early gate"] if early_layers else [])
+    for i, layer in enumerate(layers):
+        original = layer.router
+        for mode in modes:
+            layer.router = CounterfactualRouter(original, mode, generator,
+                                                early_layers[i].router if early_layers else None)
+            try:
+                rows.append(score(str(i), mode))
+            finally:
+                layer.router = original
+    return rows
