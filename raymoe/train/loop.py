@@ -131,19 +131,20 @@ def _checkpoint_folder(path: str) -> str:
     return str(epochs[-1])
 
 
-def _resume(reporter, loop_config: dict, model, optimizer, ctx: DistContext) -> tuple[int, dict]:
-    """(epochs already done, their last metrics) from the latest checkpoint of this run, or (0, {})."""
+def _resume(reporter, loop_config: dict, model, optimizer, ctx: DistContext) -> tuple[int, dict, dict]:
+    """(epochs already done, their last metrics, the checkpoint's extra) from the latest checkpoint of this run,
+    or (0, {}, {})."""
     from raymoe.train.checkpoint import load_checkpoint
 
     directory = reporter.latest_checkpoint()
     if directory is None:
-        return 0, {}
+        return 0, {}, {}
     if loop_config.get("fresh"):  # start over, except after a restart of this same launch (Ray worker failure)
         from raymoe.train.checkpoint import load_full_state
 
         _, saved = load_full_state(directory)
         if (saved or {}).get("launch_id") != loop_config.get("launch_id"):
-            return 0, {}
+            return 0, {}, {}
     try:
         extra = load_checkpoint(directory, model=model, optimizer=optimizer, ctx=ctx) or {}
         problem = "; ".join(_arch_differences(extra.get("config"), loop_config["experiment"]))
@@ -153,7 +154,7 @@ def _resume(reporter, loop_config: dict, model, optimizer, ctx: DistContext) -> 
         raise CheckpointMismatch("checkpoint", str(directory),
                                  f"cannot resume run {loop_config['run_name']} from it, it is from another "
                                  f"architecture ({problem}); start over with --fresh")
-    return int(extra["epoch"]), dict(extra.get("metrics") or {})
+    return int(extra["epoch"]), dict(extra.get("metrics") or {}), extra
 
 
 def _progress_bar(cfg: ExperimentConfig, ctx: DistContext, label: str, steps: int):
@@ -226,7 +227,8 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
         model = apply_expert_parallel(model, ctx) or model
     optimizer = make_optimizer(cfg.train, model)
     reporter = make_reporter(ctx, loop_config)
-    done, last_metrics = _resume(reporter, loop_config, model, optimizer, ctx)
+    done, last_metrics, saved = _resume(reporter, loop_config, model, optimizer, ctx)
+    work.restore(saved.get("workload_state") or {})  # e.g. the routing of the last evaluation (stability)
     if done:
         say(f"resuming {run_name} from {work.progress(done).split('/')[0]}", flush=True)
 
@@ -272,7 +274,7 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
             metrics = epoch_metrics(result, evaluated, time.perf_counter() - start)
             say(_summary_line(work.progress(interval), metrics), flush=True)
             extra = {"metrics": metrics, "run_name": run_name, "launch_id": loop_config.get("launch_id"),
-                     "config": loop_config["experiment"]}
+                     "config": loop_config["experiment"], "workload_state": work.state()}
             folder = reporter.staging_dir(interval)
             save_checkpoint(folder, model=model, optimizer=optimizer, epoch=interval, ctx=ctx, extra=extra)
             # MLflow first: a scheduler or stopper may end the trial inside report()

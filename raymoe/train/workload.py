@@ -108,6 +108,17 @@ class ImageWorkload:
     def progress(self, interval: int) -> str:
         return f"epoch {interval}/{self.intervals}"
 
+    def state(self) -> dict:
+        """What a resumed run needs besides the weights: the last evaluation's routing (stability)."""
+        previous = self.stability.previous
+        return {"routing_top1": [a.tolist() for a in previous]} if previous else {}
+
+    def restore(self, state: dict) -> None:
+        import numpy as np
+
+        if state.get("routing_top1"):
+            self.stability.previous = [np.asarray(a, dtype=np.int64) for a in state["routing_top1"]]
+
     def dataset_summary(self):
         from raymoe.tracking.native import DatasetSummary, tensor_digest
 
@@ -204,6 +215,12 @@ class TextWorkload:
 
     def progress(self, interval: int) -> str:
         return f"step {self.mlflow_step(interval)}/{self.total_steps}"
+
+    def state(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        pass
 
     def dataset_summary(self):
         from raymoe.tracking.native import DatasetSummary, tensor_digest
