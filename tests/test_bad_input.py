@@ -303,3 +303,16 @@ def test_corrupt_sweep_state_is_refused_on_resume(tmp_path):
     (folder / "tuner.pkl").write_bytes(pickle.dumps({"state": list(range(100))})[:-7])
     code, err = _run_cli(["tune", "sweep.yaml", "--resume", "--storage", str(tmp_path / "sweeps")], tmp_path)
     assert code == 2 and "tuner.pkl is corrupt or truncated" in err and "--name" in err, err
+
+
+def test_commands_opening_one_new_store_at_once_all_succeed(tmp_path):
+    """Three processes open the same new sqlite store at once (two `raymoe train` started together): without the
+    lock, MLflow's migrations raced and left the store broken ("table _alembic_tmp_tags already exists")."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from raymoe.tracking.store_check import tracking_problem; "
+            f"print(tracking_problem('sqlite:///{tmp_path}/mlflow.db'))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True) for _ in range(3)]
+    assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["None"] * 3

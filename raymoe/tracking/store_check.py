@@ -3,6 +3,8 @@ where a folder must be, or a folder without write permission, is a ConfigError, 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 
@@ -39,8 +41,25 @@ def tracking_problem(uri: str) -> str | None:
         if problem:
             return problem
     try:
-        client = client_for(uri)
-        _retry(client.search_experiments, max_results=1)
+        # two commands opening one new sqlite store at once would both run MLflow's schema migrations and leave it
+        # broken (a leftover _alembic_tmp_* table): the first open of a store is serialised by a lock file beside it
+        with _store_lock(path):
+            client = client_for(uri)
+            _retry(client.search_experiments, max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure to reach the store is a config problem
         return f"cannot open the tracking store: {str(exc).splitlines()[0]}"
     return None
+
+
+@contextlib.contextmanager
+def _store_lock(db: Path | None):
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
