@@ -50,7 +50,8 @@ def open_parent(sweep, uri: str, experiment: str, sweep_dir: Path, resume: bool)
         return ParentRun(state["parent_run_id"], state["experiment_id"], uri, experiment)
     sweep_id = f"{sweep.name}-{int(time.time())}"
     tags = {SWEEP_TAG: sweep.name, ROLE_TAG: "sweep", SWEEP_ID_TAG: sweep_id, "raymoe.strategy": sweep.config.strategy,
-            "raymoe.sweep_dir": str(sweep_dir)}
+            "raymoe.sweep_dir": str(sweep_dir), "mlflow.source.type": "LOCAL",  # the UI's Source column
+            "mlflow.source.name": f"raymoe tune {sweep.path or sweep.name}"}
     run = _retry(client.create_run, experiment_id, run_name=sweep.name, tags=tags)
     parent = ParentRun(run.info.run_id, experiment_id, uri, experiment)
     _log_definition(client, parent.run_id, sweep)
