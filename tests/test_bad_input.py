@@ -176,6 +176,9 @@ def test_mutated_experiments_exit_2_naming_the_field(preset, tmp_path_factory):
 def test_mutated_sweeps_exit_2_naming_the_field(tmp_path_factory):
     sweep = yaml.safe_load(SWEEP.read_text())
     sweep["base"]["data"].update(name="mnist", root="/nonexistent/raymoe-test", download=False)  # as above
+    # optional sections, so mutations reach paths inside them (scheduler.asha.grace_period, stop_on.after)
+    sweep["scheduler"] = {"asha": {"grace_period": 1, "reduction_factor": 2.0}}
+    sweep["stop_on"] = {"metric": "dead_expert_frac", "above": 0.5, "after": 3}
     sweep.pop("space")  # kept valid below: the mutations cover the sweep's own fields and its base experiment
     space = yaml.safe_load(SWEEP.read_text())["space"]
 
