@@ -431,3 +431,26 @@ def test_per_layer_and_per_expert_metrics_are_valid_objectives():
     sweep = load_sweep(raw=_sweep(metric="layer1/dead_expert_frac", stop_on={"metric": "layer0/max_load_share",
                                                                              "above": 0.9}))
     assert sweep.config.metrics == ["layer1/dead_expert_frac"]
+
+
+def test_a_point_the_study_already_finished_is_not_told_again(tmp_path):
+    """The study lives in sqlite beside the sweep, so after a killed driver it can be ahead of the searcher's saved
+    state: telling it again about a finished point is skipped, not a crash of the resumed sweep."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raymoe.tune.searcher import SeedRepeatSearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    inner = OptunaSearch(space=space, metric="val_error", mode="min", study_name="s", storage=storage)
+    search = SeedRepeatSearch(inner, [0], "val_error", "min")
+    search.suggest("t1")
+    search.on_trial_complete("t1", {"val_error": 0.3, "training_iteration": 2})
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.value for t in study.trials] == [0.3]
+    search.results["p0000"] = {}  # the searcher as saved before it told the study (a killed driver's state)
+    search.last_step.pop("p0000", None)
+    search.on_trial_result("t1", {"val_error": 0.2, "training_iteration": 1})  # would raise UpdateFinishedTrialError
+    search.on_trial_complete("t1", {"val_error": 0.2, "training_iteration": 2})  # would raise "Cannot tell a ..."
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert [t.value for t in study.trials] == [0.3]

@@ -59,7 +59,7 @@ class SeedRepeatSearch(Searcher):
         step = result.get("training_iteration", 0)
         if point is not None and single and self.metric in result and step > self.last_step.get(point, 0):
             self.last_step[point] = step  # a resumed trial starts counting again; Optuna keeps the first value
-            self.inner.on_trial_result(point, result)
+            _tell_once(self.inner.on_trial_result, point, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         point = self.trial_point.get(trial_id)
@@ -70,7 +70,7 @@ class SeedRepeatSearch(Searcher):
         if len(self.results[point]) < len(self.seeds):
             return
         merged = _mean_result(list(self.results[point].values()), self.metric)
-        self.inner.on_trial_complete(point, result=merged, error=merged is None)
+        _tell_once(self.inner.on_trial_complete, point, result=merged, error=merged is None)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
@@ -79,6 +79,19 @@ class SeedRepeatSearch(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
+
+
+def _tell_once(tell, point: str, *args, **kwargs) -> None:
+    """Tell Optuna about a point unless its study (sqlite, beside the sweep) already holds the point's final value:
+    a driver killed after telling but before saving this searcher re-runs the point on --resume."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    try:
+        tell(point, *args, **kwargs)
+    except (UpdateFinishedTrialError, ValueError) as exc:  # report() / tell() on a trial the study has finished
+        if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
+            raise
+        log.warning("point %s was already finished in the Optuna study (told before the driver was killed)", point)
 
 
 def _mean_result(results: list[dict | None], metric: str | list[str]) -> dict | None:
