@@ -23,14 +23,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="no chromium (apt-get install chromium)")]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _page_text(url: str, screenshot: Path) -> str:
     """The rendered page as text (scripts and styles dropped, tags as separators), after the app's requests."""
     args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -42,7 +34,7 @@ def _page_text(url: str, screenshot: Path) -> str:
 
 
 def test_the_run_in_the_model_training_view(tmp_path, tiny_fmnist_root, monkeypatch):
-    from test_ui import _wait_http
+    from test_ui import _free_port, _wait_http
 
     monkeypatch.chdir(tmp_path)
     exp = {"name": "browser", "data": {"name": "fashion_mnist", "root": str(tiny_fmnist_root), "download": False},
