@@ -121,3 +121,31 @@ def test_analyze_a_vit_moe_layer_by_layer(tmp_path, tiny_fmnist_root, monkeypatc
     rows = [line.split(" | ") for line in lines[1:]]
     assert len(rows) == 1 + 2 * 4  # learned, then 2 MoE layers x 4 counterfactuals
     assert float(rows[0][2]) == pytest.approx(run.data.metrics["test_error"], abs=5e-5)  # printed to 4 digits
+
+
+def test_text_exemplars_pick_each_experts_highest_weighted_tokens_in_context():
+    from raymoe.analysis.text_exemplars import exemplar_markdown, top_tokens
+    from raymoe.data.text.tokenizers import ByteTokenizer
+    from raymoe.models.output import ModelOutput
+    from raymoe.moe.routing import GateResult
+
+    class PipeLover(torch.nn.Module):
+        """Expert 1 takes '|' with weight 0.9, expert 0 takes everything else with weight 0.9."""
+
+        def forward(self, idx_BT):
+            pipe_N = (idx_BT.reshape(-1) == ord("|")).float()
+            probs_NE = torch.stack([0.9 - 0.8 * pipe_N, 0.1 + 0.8 * pipe_N], dim=-1)
+            w_NK, e_NK = probs_NE.topk(1, dim=-1)
+            gate = GateResult(probs_NE=probs_NE, weights_NK=w_NK, experts_NK=e_NK, logits_NE=probs_NE.log())
+            return ModelOutput(log_probs_BC=torch.zeros(idx_BT.numel(), 256), gates=[gate])
+
+    tok = ByteTokenizer()
+    x_WT = torch.tensor(tok.encode_documents(["ab|cd\nefgh|ijklm"])).view(2, 8)  # two windows of 8 bytes
+    (found,) = top_tokens(PipeLover(), x_WT, batch_size=1, per_expert=2)
+    assert sorted(found["indices_EK"][1].tolist()) == [2, 10] and found["weights_EK"][1].tolist() == pytest.approx(
+        [0.9, 0.9])
+    assert found["counts_EV"][1].sum() == 2 and found["counts_EV"][0, ord("a")] == 1
+    text = exemplar_markdown(x_WT, [found], tok)
+    # the context stays inside the token's own window; Markdown specials and line breaks are shown, not interpreted
+    assert "| 1 | 0.900 | ab**\\|**cd⏎e |" in text and "| 1 | 0.900 | gh**\\|**ijkl |" in text
+    assert "| 1 | 0.125 | ⟨\\|⟩ (2, 100%) |" in text  # 2 of 16 tokens, every '|' of the text

@@ -24,7 +24,7 @@ needs_corpus = pytest.mark.skipif(not FORTUNES.is_dir(), reason="Debian's fortun
 def _tiny(tmp_path: Path, **patch) -> Path:
     raw = yaml.safe_load((Path(__file__).parents[1] / "tune_configs/lm/gshard_hypermoe.yaml").read_text())
     raw.update({"base": str(Path(__file__).parents[1] / "tune_configs/lm/gshard.yaml"), "name": "lm-tiny",
-                "model": {"num_experts": 4, "gpt": {"dim": 32, "depth": 2, "heads": 2, "mlp_dim": 32,
+                "model": {"num_experts": 4, "gpt": {"dim": 32, "depth": 2, "heads": 2, "mlp_dim": 32, "moe_every": 1,
                                                     "block_size": 32}},
                 "data": {"root": str(tmp_path / "data"), "text": {"block_size": 32, "val_tokens": 2048}},
                 "train": {"batch_size": 8, "max_steps": 12, "eval_every": 6, "warmup_steps": 2, "progress": False,
@@ -60,6 +60,24 @@ def test_train_a_hypermoe_language_model_and_log_everything(tmp_path, capsys):
     assert lrs[1] < lrs[0]  # cosine decay after the warm-up
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures/layer0")}
     assert {"figures/layer0/expert_token.png", "figures/layer0/load_over_training.png"} <= artifacts
+    # the observatory (docs/observatory.md): stability from the second evaluation on, token exemplars at the end
+    churn = client.get_metric_history(run.info.run_id, "layer1/routing_churn")
+    assert [m.step for m in churn] == [12] and 0.0 <= churn[0].value <= 1.0
+    assert "figures/routing_stability.png" in {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    exemplars = Path(client.download_artifacts(run.info.run_id, "exemplars/tokens.md", str(tmp_path))).read_text()
+    assert "## MoE layer 0" in exemplars and "## MoE layer 1" in exemplars
+    assert exemplars.count("\n| 3 | ") == 2 * (1 + 6)  # expert 3: its load row and 6 exemplars, per layer
+    capsys.readouterr()
+
+    # counterfactual routing, one MoE layer at a time; the learned row is the run's own final test loss
+    assert main(["analyze", run.data.tags["raymoe.run_name"], "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [r[1] for r in rows[:5]] == ["learned", "uniform mixture", "random expert", "load-matched random",
+                                        "early gate"]
+    assert len(rows) == 1 + 2 * 4  # learned, then 2 MoE layers x 4 counterfactuals
+    assert float(rows[0][3].rstrip(" |")) == pytest.approx(metrics["test_loss"], abs=5e-5)  # printed to 4 digits
+    assert float(client.get_run(run.info.run_id).data.metrics["cf/layer0/uniform_mixture/test_error"]) > 0
 
 
 def _gate(top1_N: torch.Tensor, e: int) -> GateResult:

@@ -1,6 +1,6 @@
 """`raymoe analyze RUN_NAME_OR_CHECKPOINT`: how much does the learned routing matter? (docs/observatory.md)
 
-Re-evaluates a trained paper MoE (or a ViT-MoE, one MoE layer at a time) on its test set with the routing replaced (raymoe/analysis/counterfactual.py),
+Re-evaluates a trained paper MoE (or a ViT-MoE or GPT-MoE, one MoE layer at a time) on its test set with the routing replaced (raymoe/analysis/counterfactual.py),
 prints the table and logs it to the run's MLflow run (artifact analysis/counterfactual.md, metrics
 cf/<routing>/test_error) when that run is in the tracking store.
 """
@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 
 from raymoe.config.errors import ConfigError
+
+ANALYZED_ARCHS = ("moe", "vit_moe", "gpt_moe")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,42 +48,73 @@ def resolve(target: str, checkpoint_dir: str) -> tuple[Path, dict[int, Path]]:
     return epochs[max(epochs)], epochs
 
 
-def _model(folder: Path):
+def _checkpoint(folder: Path):
+    """(weights, the resolved config, the interval it was saved after) of one checkpoint."""
     from raymoe.config.load import load_experiment
     from raymoe.train.checkpoint import load_full_state
-    from raymoe.train.loop import initial_model
 
     state, extra = load_full_state(folder)
     cfg = load_experiment(raw=extra["config"])
-    if cfg.model.arch not in ("moe", "vit_moe"):
-        raise ConfigError("target", str(folder), f"counterfactual routing is built for the image MoEs (model.arch "
-                                                 f"moe, vit_moe); this run is {cfg.model.arch}")
-    model = initial_model(cfg)
+    if cfg.model.arch not in ANALYZED_ARCHS:
+        raise ConfigError("target", str(folder), f"counterfactual routing needs an MoE (model.arch "
+                                                 f"{', '.join(ANALYZED_ARCHS)}); this run is {cfg.model.arch}")
+    return state, cfg, int(extra.get("epoch", 0))
+
+
+def _model(cfg, state: dict, build_args: tuple | None):
+    from raymoe.train.loop import initial_model
+
+    model = initial_model(cfg, build_args)
     model.load_state_dict(state)
-    return cfg, model, int(extra.get("epoch", 0))
+    return model
+
+
+def _test_batches(cfg) -> tuple[list, str, tuple | None]:
+    """(the test split as a list of (inputs, targets) batches, a description, the model's build_args); a language
+    model's test windows are the fixed contiguous windows its final evaluation scores (its val windows without a
+    test split)."""
+    import torch
+
+    cpu = torch.device("cpu")
+    if cfg.model.arch == "gpt_moe":
+        from raymoe.data.text.dataset import load_text_dataset
+        from raymoe.data.text.windows import eval_windows
+
+        data = load_text_dataset(cfg.data, cpu)
+        split = "test" if data.test is not None else "val"
+        x_WT, y_WT = (eval_windows(data.test, data.block_size, cfg.data.text.val_tokens) if data.test is not None
+                      else (data.val_x, data.val_y))
+        batches = list(zip(torch.split(x_WT, cfg.train.eval_batch_size), torch.split(y_WT, cfg.train.eval_batch_size)))
+        described = f"{y_WT.numel()} {split} tokens; error = next-token error, loss = NLL per token"
+        return batches, described, (data.vocab_size, 0, 0)
+    from raymoe.data.batches import eval_batches
+    from raymoe.data.datasets import load_dataset
+
+    data = load_dataset(cfg.data, cpu)
+    return list(eval_batches(data.test, cfg.train.eval_batch_size)), f"{len(data.test)} test images", None
 
 
 def run(args: argparse.Namespace) -> int:
     from raymoe.analysis.counterfactual import counterfactual_table, token_counterfactual_table
-    from raymoe.data.batches import eval_batches
-    from raymoe.data.datasets import load_dataset
 
     final, epochs = resolve(args.target, args.checkpoint_dir)
-    cfg, model, final_epoch = _model(final)
+    state, cfg, final_epoch = _checkpoint(final)
     early_epoch = args.early_epoch if args.early_epoch is not None else min(epochs, default=None)
     if args.early_epoch is not None and args.early_epoch not in epochs:
         raise ConfigError("--early-epoch", args.early_epoch, f"no checkpoint of that epoch kept; kept: {sorted(epochs)}")
-    early = _model(epochs[early_epoch])[1] if early_epoch is not None and early_epoch != final_epoch else None
-    import torch
-
-    data = load_dataset(cfg.data, torch.device("cpu"))
-    batches = list(eval_batches(data.test, cfg.train.eval_batch_size))
+    batches, described, build_args = _test_batches(cfg)
+    model = _model(cfg, state, build_args)
+    early = None
+    if early_epoch is not None and early_epoch != final_epoch:
+        early_state, early_cfg, _ = _checkpoint(epochs[early_epoch])
+        early = _model(early_cfg, early_state, build_args)
     if cfg.model.arch == "moe":
         table = counterfactual_table(model, batches, seed=args.seed, early=early)
     else:  # one MoE layer replaced at a time
         table = token_counterfactual_table(model, batches, seed=args.seed, early=early)
-    lines = [f"counterfactual routing, {cfg.name} after epoch {final_epoch} ({len(data.test)} test images"
-             + (f"; early gate from epoch {early_epoch}" if early is not None else "") + ")"]
+    unit = "evaluation interval" if cfg.model.arch == "gpt_moe" else "epoch"  # checkpoints are kept per interval
+    lines = [f"counterfactual routing, {cfg.name} after {unit} {final_epoch} ({described}"
+             + (f"; early gate from {unit} {early_epoch}" if early is not None else "") + ")"]
     if cfg.model.arch == "moe":
         lines += ["| routing | test error | test loss |", "|---|---|---|"]
         lines += [f"| {r['routing']} | {r['test_error']:.4f} | {r['test_loss']:.4f} |" for r in table]

@@ -76,7 +76,7 @@ def counterfactual_table(model: ExpectationMoE, batches, seed: int = 0,
 
 
 class CounterfactualRouter(torch.nn.Module):
-    """Wraps a token router and replaces its choices (one MoE layer of a ViT-MoE):
+    """Wraps a token router and replaces its choices (one MoE layer of a ViT-MoE or GPT-MoE):
     random expert: the same weights, on uniformly random distinct experts; load-matched random: each token takes
     another token's choices and weights (a permutation: every expert keeps its count); uniform mixture: every
     expert with weight 1/E; early gate: another router (an earlier checkpoint's) decides."""
@@ -111,8 +111,10 @@ class CounterfactualRouter(torch.nn.Module):
 @torch.no_grad()
 def token_counterfactual_table(model: torch.nn.Module, batches: list, seed: int = 0,
                                early: torch.nn.Module | None = None) -> list[dict]:
-    """Per MoE layer of a token-level model, the test error and loss with that layer's routing replaced (the other
-    layers as learned), after a row for the learned routing. `batches` is a list (it is walked once per row)."""
+    """Per MoE layer of a token-level model (ViT-MoE, GPT-MoE), the test error and loss with that layer's routing
+    replaced (the other layers as learned), after a row for the learned routing. `batches` is a list of (inputs,
+    targets) (walked once per row); a language model's error is its next-token error and its loss the NLL per
+    token."""
     from raymoe.moe.token.layer import TokenMoE
 
     model.eval()
@@ -124,6 +126,7 @@ def token_counterfactual_table(model: torch.nn.Module, batches: list, seed: int 
         errors = nll = n = 0.0
         for x, y in batches:
             log_probs = model(x).log_probs_BC
+            y = y.reshape(-1)  # a language model's targets are (B, T); its log-probs (B * T, V)
             errors += float((log_probs.argmax(-1) != y).sum())
             nll += float(F.nll_loss(log_probs, y, reduction="sum"))
             n += y.shape[0]

@@ -27,8 +27,10 @@ LAYER_KEYS = ("usage_entropy_bits", "sample_entropy_bits", "mi_current_token_bit
 
 
 class _LayerSums:
-    def __init__(self, num_experts: int, vocab: int, device: torch.device):
+    def __init__(self, num_experts: int, vocab: int, device: torch.device, keep_items: int = 0):
         f64 = dict(dtype=torch.float64, device=device)
+        self.keep_items, self.kept = keep_items, 0
+        self.first_top1: list[torch.Tensor] = []  # top-1 expert of this rank's first keep_items tokens (stability)
         self.scalars = torch.zeros(5, **f64)  # tokens, entropy sum, z^2 sum, dropped sum, tokens with a dropped stat
         self.probs_E = torch.zeros(num_experts, **f64)
         self.load_E = torch.zeros(num_experts, **f64)
@@ -57,6 +59,9 @@ class _LayerSums:
         self.next_EV += torch.bincount(top1_N * v + next_N, minlength=e * v).view(e, v).double()
         p = POSITION_BUCKETS
         self.pos_EP += torch.bincount(top1_N * p + pos_N, minlength=e * p).view(e, p).double()
+        if self.kept < self.keep_items:
+            self.first_top1.append(top1_N[:self.keep_items - self.kept].cpu())
+            self.kept += self.first_top1[-1].numel()
 
     def metrics(self) -> dict[str, float]:
         tokens, ent, z, dropped, has = self.scalars.tolist()
@@ -79,8 +84,8 @@ class _LayerSums:
 class LanguageModelAccumulator:
     """Sums over evaluation batches of a language model: NLL, next-token accuracy, and per-layer routing."""
 
-    def __init__(self, vocab_size: int, block_size: int):
-        self.vocab, self.block = vocab_size, block_size
+    def __init__(self, vocab_size: int, block_size: int, keep_items: int = 0):
+        self.vocab, self.block, self.keep_items = vocab_size, block_size, keep_items
         self.scalars: torch.Tensor | None = None  # nll sum, correct, tokens
         self.layers: list[_LayerSums] = []
 
@@ -90,7 +95,7 @@ class LanguageModelAccumulator:
         device = log_probs_NV.device
         if self.scalars is None:
             self.scalars = torch.zeros(3, dtype=torch.float64, device=device)
-            self.layers = [_LayerSums(g.num_experts, self.vocab, device) for g in out.gates]
+            self.layers = [_LayerSums(g.num_experts, self.vocab, device, self.keep_items) for g in out.gates]
         next_N = targets_BT.reshape(-1)
         nll = torch.nn.functional.nll_loss(log_probs_NV, next_N, reduction="sum")
         correct = (log_probs_NV.argmax(-1) == next_N).sum()
@@ -129,6 +134,11 @@ class LanguageModelAccumulator:
                 np.mean([m.get(f"load_share/{e}", 0.0) < 1.0 / (10 * len(layer.load_E))
                          for e in range(len(layer.load_E))]) for m, layer in zip(per_layer, self.layers)]))
         return out
+
+    def first_top1(self) -> list[np.ndarray]:
+        """Per layer: the top-1 expert of this rank's first keep_items evaluation tokens (routing stability)."""
+        return [torch.cat(layer.first_top1).numpy() if layer.first_top1 else np.zeros(0, np.int64)
+                for layer in self.layers]
 
     def matrices(self, top_tokens: int = 32) -> dict[str, np.ndarray]:
         """Per layer: expert x most frequent current tokens (counts) and the token ids, for the heatmaps."""

@@ -165,8 +165,8 @@ def routing_stability(history: list[dict], layers: list[int | None], x_label: st
     return fig
 
 
-def routing_figures(history: list[dict], num_experts: int) -> dict[str, Figure]:
-    """The observatory's figures of an image MoE or ViT-MoE run so far: load per layer and routing stability."""
+def routing_figures(history: list[dict], num_experts: int, x_label: str = "epoch") -> dict[str, Figure]:
+    """The observatory's figures of a run so far (every MoE model): load per layer and routing stability."""
     last = history[-1] if history else {}
     layers: list[int | None] = sorted({int(k.split("/")[0][5:]) for k in last if k.startswith("layer")
                                        and k.endswith("load_share/0")})
@@ -175,21 +175,20 @@ def routing_figures(history: list[dict], num_experts: int) -> dict[str, Figure]:
     out = {}
     for layer in layers:
         name = "figures/load_over_training.png" if layer is None else f"figures/layer{layer}/load_over_training.png"
-        out[name] = load_over_training(history, layer, num_experts, x_label="epoch")
+        out[name] = load_over_training(history, layer, num_experts, x_label=x_label)
     if layers and any("routing_churn" in h for h in history):
-        out["figures/routing_stability.png"] = routing_stability(history, layers)
+        out["figures/routing_stability.png"] = routing_stability(history, layers, x_label=x_label)
     return out
 
 
-def lm_figures(matrices: dict[str, np.ndarray], history: list[dict], tokenizer=None) -> dict[str, Figure]:
-    """Per MoE layer of a language model: expert x frequent-token heatmap (validation windows, top-1 expert)
-    and expert load over training."""
+def lm_figures(matrices: dict[str, np.ndarray], tokenizer=None) -> dict[str, Figure]:
+    """Per MoE layer of a language model: expert x frequent-token heatmap (validation windows, top-1 expert).
+    Load over training is drawn as the run goes (routing_figures)."""
     out: dict[str, Figure] = {}
     for prefix, arrays in _groups(matrices).items():
         counts = arrays.get("counts_token_EV")
         if counts is None:
             continue
-        layer = int(prefix.strip("/").removeprefix("layer"))
         ids = arrays.get("token_ids", np.arange(counts.shape[1]))
         fig = expert_class_heatmap(counts, f"val: expert x most frequent tokens ({prefix.rstrip('/')})", "token")
         ax = fig.axes[0]
@@ -198,6 +197,4 @@ def lm_figures(matrices: dict[str, np.ndarray], history: list[dict], tokenizer=N
         for text in list(ax.texts):  # counts per cell are unreadable at this width
             text.remove()
         out[f"figures/{prefix}expert_token.png"] = fig
-        if history:
-            out[f"figures/{prefix}load_over_training.png"] = load_over_training(history, layer, counts.shape[0])
     return out

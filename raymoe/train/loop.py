@@ -109,14 +109,18 @@ def step_settings(train: TrainConfig, total_steps: int) -> StepSettings:
                         error_after_step=train.count_train_error == "after_step")
 
 
-def initial_model(cfg: ExperimentConfig) -> nn.Module:
-    """The model with exactly the initial weights `train_fn` draws for cfg.seed (on the CPU, one process)."""
+def initial_model(cfg: ExperimentConfig, build_args: tuple | None = None) -> nn.Module:
+    """The model with exactly the initial weights `train_fn` draws for cfg.seed (on the CPU, one process).
+    build_args: the workload's (classes, channels, image size); by default an image data set's from its facts
+    (a language model's vocabulary comes from its tokenizer: pass (vocab_size, 0, 0))."""
     from raymoe.data.stats import dataset_info
     from raymoe.models.build import build_model
 
-    info = dataset_info(cfg.data.name)
+    if build_args is None:
+        info = dataset_info(cfg.data.name)
+        build_args = (info.num_classes, info.in_channels, info.image_size)
     seed_everything(cfg.seed)
-    return build_model(cfg, info.num_classes, info.in_channels, info.image_size)
+    return build_model(cfg, *build_args)
 
 
 def _checkpoint_folder(path: str) -> str:
@@ -282,12 +286,12 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
             reporter.report(metrics, folder, interval)
             history.append({"step": work.mlflow_step(interval), **metrics})
             last_metrics = metrics
-            if isinstance(tracked, TrackedRun) and work.kind == "image":  # updated as the run goes
+            if isinstance(tracked, TrackedRun):  # updated as the run goes
                 from raymoe.tracking.figures import routing_figures
 
-                tracked.log_figures(routing_figures(history, cfg.model.num_experts))
+                tracked.log_figures(routing_figures(history, cfg.model.num_experts, work.interval_unit))
         if isinstance(tracked, TrackedRun):
-            _log_final_artifacts(tracked, matrices, history, work, getattr(model, "module", model))
+            _log_final_artifacts(tracked, matrices, work, getattr(model, "module", model))
             if cfg.tracking.log_model and cfg.scaling.expert_parallel == 1:  # EP shards the experts over ranks
                 from raymoe.tracking.native import log_final_model
 
@@ -325,7 +329,7 @@ def _native_tracking(tracked, cfg: ExperimentConfig, work, uri: str):
     return SystemMetrics(tracked.run_id, uri, interval) if interval is not None else None
 
 
-def _log_final_artifacts(tracked: TrackedRun, matrices: dict, history: list[dict], work,
+def _log_final_artifacts(tracked: TrackedRun, matrices: dict, work,
                          model: nn.Module | None = None) -> None:
     """Figures of the final evaluation plus the raw matrices as JSON (for reports)."""
     import numpy as np
@@ -334,14 +338,28 @@ def _log_final_artifacts(tracked: TrackedRun, matrices: dict, history: list[dict
 
     if not matrices:
         return
+    one_process = getattr(work.ctx, "world_size", 1) == 1  # one process holds every expert (exemplars)
     if work.kind == "text":
-        tracked.log_figures(lm_figures(matrices, history, work.data.tokenizer))
+        tracked.log_figures(lm_figures(matrices, work.data.tokenizer))
         tracked.log_dict({k: np.asarray(v).tolist() for k, v in matrices.items()}, "metrics/val_matrices.json")
+        if model is not None and one_process:
+            tracked.log_text(text_exemplars(model, work), "exemplars/tokens.md")
         return
     tracked.log_figures(specialization_figures(matrices, "test"))
     tracked.log_dict({k: np.asarray(v).tolist() for k, v in matrices.items()}, "metrics/test_matrices.json")
-    if model is not None and getattr(work.ctx, "world_size", 1) == 1:  # one process holds every expert
+    if model is not None and one_process:
         tracked.log_figures(exemplar_figures(model, work))
+
+
+def text_exemplars(model: nn.Module, work) -> str:
+    """Per MoE layer of a language model: each expert's most routed and highest-weighted validation tokens, in
+    context, as Markdown (docs/observatory.md)."""
+    from raymoe.analysis.text_exemplars import exemplar_markdown, top_tokens
+
+    data = work.data
+    found = top_tokens(model, data.val_x, work.cfg.train.eval_batch_size)
+    return exemplar_markdown(data.val_x, found, data.tokenizer,
+                             title=f"{work.cfg.name}: what each expert has learned (validation windows)")
 
 
 def exemplar_figures(model: nn.Module, work) -> dict:

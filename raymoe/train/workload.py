@@ -27,8 +27,9 @@ class RoutingStability:
     """Top-1 experts of a fixed set of evaluation items at the previous evaluation; each update returns the churn
     and the adjusted mutual information since then (docs/observatory.md), per layer for token-level models."""
 
-    def __init__(self):
+    def __init__(self, per_layer: bool = False):
         self.previous: list | None = None
+        self.per_layer = per_layer  # layer{i}/ keys even for one layer (the language models name every layer)
 
     def update(self, top1: list) -> dict[str, float]:
         from raymoe.metrics.stability import adjusted_mutual_information, churn
@@ -42,16 +43,26 @@ class RoutingStability:
         churns = [churn(p, c) for p, c in pairs]
         amis = [adjusted_mutual_information(p, c) for p, c in pairs]
         out = {"routing_churn": float(sum(churns) / len(churns)), "routing_ami": float(sum(amis) / len(amis))}
-        if len(pairs) > 1:
+        if len(pairs) > 1 or self.per_layer:
             for i, (ch, ami) in enumerate(zip(churns, amis)):
                 out.update({f"layer{i}/routing_churn": ch, f"layer{i}/routing_ami": ami})
         return out
+
+    def state(self) -> dict:
+        return {"routing_top1": [a.tolist() for a in self.previous]} if self.previous else {}
+
+    def restore(self, state: dict) -> None:
+        import numpy as np
+
+        if state.get("routing_top1"):
+            self.previous = [np.asarray(a, dtype=np.int64) for a in state["routing_top1"]]
 
 
 class ImageWorkload:
     """The paper's data sets and the ViT: one interval = one epoch over the training set (MLflow step = epoch)."""
 
     kind = "image"
+    interval_unit = "epoch"
 
     def __init__(self, cfg: ExperimentConfig, ctx: DistContext):
         from raymoe.data.datasets import load_dataset
@@ -110,14 +121,10 @@ class ImageWorkload:
 
     def state(self) -> dict:
         """What a resumed run needs besides the weights: the last evaluation's routing (stability)."""
-        previous = self.stability.previous
-        return {"routing_top1": [a.tolist() for a in previous]} if previous else {}
+        return self.stability.state()
 
     def restore(self, state: dict) -> None:
-        import numpy as np
-
-        if state.get("routing_top1"):
-            self.stability.previous = [np.asarray(a, dtype=np.int64) for a in state["routing_top1"]]
+        self.stability.restore(state)
 
     def dataset_summary(self):
         from raymoe.tracking.native import DatasetSummary, tensor_digest
@@ -137,6 +144,7 @@ class TextWorkload:
     then the fixed validation windows are scored (MLflow step = optimizer steps done)."""
 
     kind = "text"
+    interval_unit = "optimizer step"
 
     def __init__(self, cfg: ExperimentConfig, ctx: DistContext):
         from raymoe.data.text.dataset import load_text_dataset
@@ -155,6 +163,7 @@ class TextWorkload:
         self.steps_per_interval = min(t.eval_every, self.total_steps)
         self.intervals = math.ceil(self.total_steps / self.steps_per_interval)
         self.num_train = self.data.train.numel()
+        self.stability = RoutingStability(per_layer=True)
 
     def build_args(self) -> tuple:
         return self.data.vocab_size, 0, 0  # build_model(cfg, vocabulary, -, -)
@@ -182,14 +191,14 @@ class TextWorkload:
                                  rank=self.ctx.rank, world_size=self.ctx.world_size)
 
     @torch.no_grad()
-    def _score(self, model: nn.Module, x_WT: torch.Tensor, y_WT: torch.Tensor, split: str):
+    def _score(self, model: nn.Module, x_WT: torch.Tensor, y_WT: torch.Tensor, split: str, keep_items: int = 0):
         from raymoe.data.text.dataset import bits_per_byte
         from raymoe.metrics.lm import LanguageModelAccumulator
         from raymoe.train.precision import autocast
 
         ctx, cfg = self.ctx, self.cfg
         model.eval()
-        acc = LanguageModelAccumulator(self.data.vocab_size, self.data.block_size)
+        acc = LanguageModelAccumulator(self.data.vocab_size, self.data.block_size, keep_items)
         part = torch.tensor_split(torch.arange(len(x_WT)), ctx.world_size)[ctx.rank]
         for chunk in torch.split(part, cfg.train.eval_batch_size):
             if len(chunk):
@@ -200,27 +209,30 @@ class TextWorkload:
         metrics = acc.compute(bytes_per_token=1.0)
         nll_sum = metrics["loss"] * y_WT.numel()
         metrics["bits_per_byte"] = bits_per_byte(nll_sum, self.data.target_bytes(y_WT, split))
-        return metrics, acc.matrices()
+        return metrics, acc
 
     def evaluate(self, model: nn.Module, final: bool) -> tuple[dict[str, float], dict]:
-        """Validation-window metrics every interval ("val_*", routing per layer); the test split at the end."""
+        """Validation-window metrics every interval ("val_*", routing per layer, routing stability since the
+        previous evaluation); the test split at the end."""
         from raymoe.data.text.windows import eval_windows
 
-        val, matrices = self._score(model, self.data.val_x, self.data.val_y, "val")
+        val, acc = self._score(model, self.data.val_x, self.data.val_y, "val", keep_items=STABILITY_ITEMS)
         test = None
         if final and self.data.test is not None:
             x, y = eval_windows(self.data.test, self.data.block_size, self.cfg.data.text.val_tokens)
             test, _ = self._score(model, x, y, "test")
-        return lm_metric_names(val, test), matrices
+        metrics = lm_metric_names(val, test)
+        metrics.update(self.stability.update(acc.first_top1()))
+        return metrics, acc.matrices()
 
     def progress(self, interval: int) -> str:
         return f"step {self.mlflow_step(interval)}/{self.total_steps}"
 
     def state(self) -> dict:
-        return {}
+        return self.stability.state()
 
     def restore(self, state: dict) -> None:
-        pass
+        self.stability.restore(state)
 
     def dataset_summary(self):
         from raymoe.tracking.native import DatasetSummary, tensor_digest
