@@ -205,7 +205,9 @@ def test_everything_loads_with_weights_only(tmp_path):
     model, optimizer = _trained(3)
     save_checkpoint(tmp_path / "c", model=model, optimizer=optimizer, epoch=1, ctx=SINGLE,
                     extra={"metrics": {"a": 1.0}, "config": {"name": "x", "tags": ["a"], "lr": None}})
-    for f in (tmp_path / "c").glob("*.pt"):
+    files = sorted((tmp_path / "c").glob("*.pt"))
+    assert files, "the checkpoint holds no .pt file"
+    for f in files:
         torch.load(f, weights_only=True)
 
 

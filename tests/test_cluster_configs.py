@@ -98,8 +98,7 @@ def test_kuberay_rayjob_fields_and_entrypoint_is_a_valid_experiment():
     argv = shlex.split(spec["entrypoint"])
     assert argv[:4] == ["python", "-m", "raymoe.cli", "train"]
     config_path = ROOT / argv[4]
-    if not config_path.is_file():
-        pytest.skip(f"{argv[4]} not written yet")
+    assert config_path.is_file(), f"the entrypoint's config {argv[4]} is not in the repository"
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     cfg = load_experiment(config_path, overrides)
     workers = spec["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]

@@ -27,7 +27,9 @@ OLD_NAMES = re.compile(r"(?<![\w/.-])(?:[\w./]*/)?(?:specialization-paper|hyperm
 def _code_files() -> list[Path]:
     files = [*ROOT.glob("raymoe/**/*.py"), *ROOT.glob("tune_configs/**/*.yaml"), *ROOT.glob("tests/**/*.py"),
              *ROOT.glob("cluster/**/*"), ROOT / "Makefile"]
-    return sorted(p for p in files if p.is_file() and p.resolve() != THIS and "__pycache__" not in p.parts)
+    found = sorted(p for p in files if p.is_file() and p.resolve() != THIS and "__pycache__" not in p.parts)
+    assert len(found) > 100, f"only {len(found)} code files found under {ROOT}"  # a wrong root checks nothing
+    return found
 
 
 class _Doc:
@@ -101,7 +103,9 @@ def test_code_citations_resolve_to_docs():
 def test_citations_inside_docs_resolve():
     """A bare § in docs/X.md means X itself; docs/README.md is skipped (it shows the syntax with examples)."""
     problems = []
-    for path in sorted(DOCS.glob("*.md")):
+    docs = sorted(DOCS.glob("*.md"))
+    assert len(docs) >= 5, f"docs/ holds {len(docs)} notes"
+    for path in docs:
         if path.name == "README.md":
             continue
         for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

@@ -83,6 +83,24 @@ def test_noisy_topk_weights_are_softmax_of_kept_noisy_logits():
     assert torch.equal(gate(x).load_E, torch.bincount(gate(x).experts_NK.reshape(-1), minlength=4).float())
 
 
+def test_noisy_gates_draw_their_noise_from_an_injected_generator():
+    from raymoe.moe.token.routers import NoisyTopKRouter
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5)
+    for make in (lambda g: NoisyTopKGate(FlatTrunk(5), 4, top_k=1, generator=g),
+                 lambda g: NoisyTopKRouter(5, 4, top_k=1, generator=g)):
+        gate = make(torch.Generator().manual_seed(3))
+        noise = gate.draw_noise(torch.zeros(6, 4))
+        assert torch.equal(noise, torch.randn(6, 4, generator=torch.Generator().manual_seed(3)))
+        # without a generator the noise is torch's default stream, exactly what randn_like gave before
+        plain = make(None)
+        torch.manual_seed(7)
+        drawn = plain.draw_noise(torch.zeros(6, 4))
+        torch.manual_seed(7)
+        assert torch.equal(drawn, torch.randn_like(torch.zeros(6, 4)))
+
+
 def test_smooth_load_equals_brute_force():
     torch.manual_seed(0)
     n, e, k = 6, 5, 2

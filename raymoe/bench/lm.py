@@ -45,6 +45,25 @@ def _lm_config(arch: str, top_k: int, hypermoe: bool, quick: bool, device: str):
     return load_experiment(PRESETS / "lm" / "gshard.yaml", over)
 
 
+def active_params_per_token(model: torch.nn.Module, top_k: int) -> int:
+    """Parameters one token passes through: everything but the experts it is not routed to (top_k of E per MoE
+    layer; the embedding table counted whole, as in both models alike)."""
+    from raymoe.moe.token.experts import TokenExperts
+
+    total = sum(p.numel() for p in model.parameters())
+    for stack in (m for m in model.modules() if isinstance(m, TokenExperts)):
+        per_expert = sum(p.numel() for p in stack.parameters()) // stack.num_experts
+        total -= per_expert * (stack.num_experts - top_k)
+    return total
+
+
+def router_params(model: torch.nn.Module) -> int:
+    """Parameters of the MoE layers' routers: what an MoE adds on top of its dense baseline's active parameters."""
+    from raymoe.moe.token.layer import TokenMoE
+
+    return sum(p.numel() for m in model.modules() if isinstance(m, TokenMoE) for p in m.router.parameters())
+
+
 class Variant:
     """One model with its optimizer and a fixed synthetic batch."""
 
@@ -131,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     for v in variants:
         targets = v.y.numel()
         print(json.dumps({"bench": "lm", "variant": v.name, "precision": v.precision,
+                          "active_params_per_token": active_params_per_token(v.model, v.cfg.gate.top_k),
+                          "router_params": router_params(v.model),
                           "step_ms": round(1000 * v.step_seconds, 2),
                           "targets_per_s": round(targets / v.step_seconds, 1)}), flush=True)
     summary = {"bench": "lm", "summary": True, "cpu": header["cpu"], "device": str(device)}

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.moe.routing import GateResult
+from raymoe.moe.routing import GateResult, standard_normal
 
 
 def dense_result(probs_NE: torch.Tensor, logits_NE: torch.Tensor) -> GateResult:
@@ -108,12 +108,12 @@ class NoisyTopKGate(nn.Module):
     needs_expert_hidden = False
 
     def __init__(self, trunk: nn.Module, num_experts: int, top_k: int = 1, renormalize: bool | None = None,
-                 noise_eps: float = 1e-2, temperature: float = 1.0):
+                 noise_eps: float = 1e-2, temperature: float = 1.0, generator: torch.Generator | None = None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
         self.trunk, self.num_experts, self.top_k = trunk, num_experts, top_k
-        self.noise_eps, self.temperature = noise_eps, temperature
+        self.noise_eps, self.temperature, self.generator = noise_eps, temperature, generator
         self.renormalize = True if renormalize is None else renormalize  # G = softmax(KeepTopK(H, k))
         self.w_gate_HE = nn.Parameter(torch.zeros(trunk.out_features, num_experts))
         self.w_noise_HE = nn.Parameter(torch.zeros(trunk.out_features, num_experts))
@@ -123,7 +123,7 @@ class NoisyTopKGate(nn.Module):
         clean_NE = feats_NH @ self.w_gate_HE
         if self.training:
             std_NE = F.softplus(feats_NH @ self.w_noise_HE) + self.noise_eps
-            noisy_NE = clean_NE + torch.randn_like(clean_NE) * std_NE
+            noisy_NE = clean_NE + self.draw_noise(clean_NE) * std_NE
             load_E = smooth_load(clean_NE, noisy_NE, std_NE, self.top_k)
         else:
             noisy_NE, load_E = clean_NE, None
@@ -134,6 +134,10 @@ class NoisyTopKGate(nn.Module):
             result = GateResult(result.probs_NE, result.weights_NK, result.experts_NK, result.logits_NE,
                                 counts_E.to(clean_NE.dtype))
         return result
+
+    def draw_noise(self, like_NE: torch.Tensor) -> torch.Tensor:
+        """The training noise (eq. 4's StandardNormal()); tests replace it to feed each rank its rows of one draw."""
+        return standard_normal(like_NE, self.generator)
 
 
 def smooth_load(clean_NE: torch.Tensor, noisy_NE: torch.Tensor, std_NE: torch.Tensor, k: int) -> torch.Tensor:

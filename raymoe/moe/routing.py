@@ -35,3 +35,10 @@ class GateResult:
     def top1_N(self) -> torch.Tensor:
         """The expert each item is assigned to for the specialization metrics (argmax of the gate)."""
         return self.probs_NE.argmax(dim=-1)
+
+
+def standard_normal(like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """N(0, 1) noise shaped like `like` (a noisy gate's logits), from `generator` when one is given (it must live on
+    like's device); without one it draws from torch's default generator exactly as torch.randn_like does."""
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.kernels.onednn_gemm import linear
-from raymoe.moe.routing import GateResult
+from raymoe.moe.routing import GateResult, standard_normal
 from raymoe.moe.token.bias_balance import BiasBalancer
 from raymoe.moe.token.experts import TokenExperts
 
@@ -103,9 +103,10 @@ class NoisyTopKRouter(TokenChoiceRouter):
     """Noisy top-k gating (Shazeer et al. 2017); W_g and W_noise start at zero as in the reference code."""
 
     def __init__(self, dim: int, num_experts: int, top_k: int = 1, renormalize: bool | None = None,
-                 noise_eps: float = 1e-2, temperature: float = 1.0, bias_balance_rate: float = 0.0):
+                 noise_eps: float = 1e-2, temperature: float = 1.0, bias_balance_rate: float = 0.0,
+                 generator: torch.Generator | None = None):
         super().__init__(num_experts, top_k, renormalize, bias_balance_rate)
-        self.noise_eps, self.temperature = noise_eps, temperature
+        self.noise_eps, self.temperature, self.generator = noise_eps, temperature, generator
         self.w_gate_DE = nn.Parameter(torch.zeros(dim, num_experts))
         self.w_noise_DE = nn.Parameter(torch.zeros(dim, num_experts))
 
@@ -113,8 +114,12 @@ class NoisyTopKRouter(TokenChoiceRouter):
         x = x_ND.float()
         clean_NE = linear(x, self.w_gate_DE.float().t())
         std_NE = F.softplus(linear(x, self.w_noise_DE.float().t())) + self.noise_eps
-        noisy_NE = clean_NE + torch.randn_like(clean_NE) * std_NE if self.training else clean_NE
+        noisy_NE = clean_NE + self.draw_noise(clean_NE) * std_NE if self.training else clean_NE
         return noisy_NE / self.temperature, self._smooth_load(clean_NE, noisy_NE, std_NE)
+
+    def draw_noise(self, like_NE: torch.Tensor) -> torch.Tensor:
+        """The training noise (Shazeer et al. eq. 4); tests replace it to feed each rank its rows of one draw."""
+        return standard_normal(like_NE, self.generator)
 
     def _smooth_load(self, clean_NE, noisy_NE, std_NE) -> torch.Tensor:
         """Shazeer eq. 9-10: load_e = sum_n Phi((clean_ne - kth_excluding(noisy_n, k, e)) / std_ne)."""
