@@ -11,7 +11,7 @@ import importlib
 import os
 import sys
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 
 COMMANDS = {
     "train": ("raymoe.train.command", "run one experiment (this machine, or Ray Train workers)"),

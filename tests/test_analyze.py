@@ -124,7 +124,7 @@ def test_analyze_a_vit_moe_layer_by_layer(tmp_path, tiny_fmnist_root, monkeypatc
 
 
 def test_text_exemplars_pick_each_experts_highest_weighted_tokens_in_context():
-    from raymoe.analysis.text_exemplars import exemplar_markdown, top_tokens
+    from raymoe.tracking.text_exemplars import exemplar_markdown, top_tokens
     from raymoe.data.text.tokenizers import ByteTokenizer
     from raymoe.models.output import ModelOutput
     from raymoe.moe.routing import GateResult

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.load import apply_overrides, flatten, load_experiment, parse_override, read_yaml
 from raymoe.train.identity import run_name
 

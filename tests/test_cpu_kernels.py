@@ -63,7 +63,7 @@ def test_other_dtypes_and_3d_input_take_the_plain_path():
 
 FAULTS_SCRIPT = textwrap.dedent("""
     import ctypes, resource, torch
-    from raymoe.train.device import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, keep_freed_memory
+    from raymoe.runtime import _M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, keep_freed_memory
 
     def steady_faults_per_round(rounds=8):
         counts = []

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torchvision import datasets as tvd
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
 from raymoe.config.schema import DataConfig
 from raymoe.data import sources

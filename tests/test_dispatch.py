@@ -15,7 +15,7 @@ import torch
 
 from ep_harness import register_shared, shared_results
 from raymoe.parallel.context import DistContext
-from raymoe.parallel.dispatch import LocalDispatcher
+from raymoe.moe.dispatch import LocalDispatcher
 
 E = 4
 # case name -> experts_P per rank (-1 = dropped by capacity)

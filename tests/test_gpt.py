@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.load import apply_overrides, from_dict, load_experiment
 from raymoe.config.schema import ExperimentConfig
 from raymoe.models.build import build_lm, build_model

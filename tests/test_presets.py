@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
 
 PAPER = Path(__file__).resolve().parents[1] / "tune_configs" / "paper"

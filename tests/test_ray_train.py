@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]

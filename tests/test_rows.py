@@ -1,4 +1,4 @@
-"""take_rows / put_rows (raymoe.parallel.dispatch) against plain indexing under autograd: a full permutation (the
+"""take_rows / put_rows (raymoe.moe.dispatch) against plain indexing under autograd: a full permutation (the
 gather-only backward) and a subset of rows (dropped pairs: zero rows, index_copy backward)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from raymoe.parallel.dispatch import inverse_permutation, put_rows, take_rows
+from raymoe.moe.dispatch import inverse_permutation, put_rows, take_rows
 
 
 @pytest.mark.parametrize("subset", [False, True])

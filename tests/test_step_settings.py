@@ -12,7 +12,7 @@ import torch
 from raymoe.config.load import load_experiment
 from raymoe.models.build import build_model
 from raymoe.parallel.context import DistContext
-from raymoe.train.precision import bf16_supported
+from raymoe.runtime import bf16_supported
 from raymoe.train.schedule import lr_at
 from raymoe.train.step import StepSettings, train_epoch
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from raymoe.cli import main as cli_main
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.tune.space import DefineByRun
 from raymoe.tune.sweep_load import load_sweep
 

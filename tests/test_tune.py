@@ -55,7 +55,7 @@ def _client(uri: str):
 
 
 def _children(client, parent_id: str) -> list:
-    from raymoe.tune.mlflow_sweep import sweep_children
+    from raymoe.tracking.sweep_runs import sweep_children
 
     return sweep_children(client, client.get_run(parent_id).info.experiment_id, parent_id)
 
@@ -129,7 +129,7 @@ def test_staged_grid_distills_from_the_best_run_of_another_row(tmp_path, tiny_fm
     (found by the driver when stage 1 starts, not typed by hand); a resume of the finished sweep restores both
     stages and runs nothing again; a dependency that left no finished run stops the sweep before its dependants
     start, with the field named and the parent FAILED."""
-    from raymoe.config.errors import ConfigError
+    from raymoe.errors import ConfigError
 
     _preset(tmp_path, "att", tiny_fmnist_root, gate={"kind": "attentive"}, train={"epochs": 1})
     _preset(tmp_path, "dist", tiny_fmnist_root, train={"epochs": 1, "distill_from": "SET-ME"})
@@ -255,7 +255,7 @@ def test_paper_table_from_hand_made_runs(tmp_path):
 
 def test_resources_no_node_can_hold_fail_fast(tmp_path, ray_address):
     """A worker bigger than any node: ConfigError naming `resources` with the numbers; no folder, no MLflow run."""
-    from raymoe.config.errors import ConfigError
+    from raymoe.errors import ConfigError
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     sweep = load_sweep(raw={"name": "t_big", "base": {"name": "b"}, "resources": {"cpus_per_worker": 512},

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
 from raymoe.models.vit import build_vit
 from raymoe.moe.token.layer import TokenMoE

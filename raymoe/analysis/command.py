@@ -1,6 +1,7 @@
 """`raymoe analyze RUN_NAME_OR_CHECKPOINT`: how much does the learned routing matter? (docs/observatory.md)
 
-Re-evaluates a trained paper MoE (or a ViT-MoE or GPT-MoE, one MoE layer at a time) on its test set with the routing replaced (raymoe/analysis/counterfactual.py),
+Re-evaluates a trained paper MoE (or a ViT-MoE or GPT-MoE, one MoE layer at a time) on its test set with the
+routing replaced (raymoe/analysis/counterfactual.py),
 prints the table and logs it to the run's MLflow run (artifact analysis/counterfactual.md, metrics
 cf/<routing>/test_error) when that run is in the tracking store.
 """
@@ -11,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 
 ANALYZED_ARCHS = ("moe", "vit_moe", "gpt_moe")
 
@@ -84,7 +85,8 @@ def _test_batches(cfg) -> tuple[list, str, tuple | None]:
         split = "test" if data.test is not None else "val"
         x_WT, y_WT = (eval_windows(data.test, data.block_size, cfg.data.text.val_tokens) if data.test is not None
                       else (data.val_x, data.val_y))
-        batches = list(zip(torch.split(x_WT, cfg.train.eval_batch_size), torch.split(y_WT, cfg.train.eval_batch_size)))
+        size = cfg.train.eval_batch_size
+        batches = list(zip(torch.split(x_WT, size), torch.split(y_WT, size)))
         described = f"{y_WT.numel()} {split} tokens; error = next-token error, loss = NLL per token"
         return batches, described, (data.vocab_size, 0, 0)
     from raymoe.data.batches import eval_batches

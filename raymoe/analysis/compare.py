@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 
 DEFAULT_METRICS = ("test_error", "val_error", "train_error", "train_loss", "val_loss", "mi_pred_bits",
                    "usage_entropy_bits", "dead_expert_frac")
@@ -39,7 +39,7 @@ def find(client, key: str):
 def run(args: argparse.Namespace) -> int:
     from raymoe.tracking.figures import _figure
     from raymoe.tracking.mlflow_run import _retry, client_for, ensure_experiment
-    from raymoe.train.loop_config import absolute_tracking_uri, sqlite_path
+    from raymoe.tracking.uri import absolute_tracking_uri, sqlite_path
 
     if len(args.runs) < 2:
         raise ConfigError("runs", args.runs, "give two or more runs to compare")

@@ -55,7 +55,7 @@ def _bench_worker(config: dict) -> None:
     from raymoe.parallel.comm_meter import METER
     from raymoe.parallel.context import DistContext
     from raymoe.parallel.expert_parallel import apply_expert_parallel
-    from raymoe.train.device import pick_device, prepare_cpu_process
+    from raymoe.runtime import pick_device, prepare_cpu_process
     from raymoe.train.loop import make_optimizer
     from raymoe.train.step import train_epoch
 

@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), metavar="ROW",
                         help="preset names in that folder (default: every row without distillation)")
     parser.add_argument("--steps", type=int, default=12, help="compared training steps per preset (0 = skip)")
-    parser.add_argument("--seeds", type=int, default=0, help="full runs of both loops for seeds 0..N-1 (default 0)")
+    parser.add_argument("--seeds", type=int, default=0, help="full runs of both loops for N seeds (default 0)")
+    parser.add_argument("--first-seed", type=int, default=0, help="the runs use seeds K..K+N-1 (default 0)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of those runs (default: the preset's)")
     parser.add_argument("--train-limit", type=int, default=None, help="first N training images in the runs")
     parser.add_argument("--init", choices=["literal", "raymoe"], default="literal",
@@ -92,7 +93,7 @@ def _runs_part(args: argparse.Namespace, row: str) -> list[dict]:
     from raymoe.fidelity.literal_loop import LiteralLoop
 
     lines, keys = [], ("train_loss", "train_error", "test_error", "usage_entropy_bits")
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         extra = [f"seed={seed}", "tracking.enabled=false"]
         if args.epochs:
             extra.append(f"train.epochs={args.epochs}")
@@ -135,11 +136,9 @@ def _runs_part(args: argparse.Namespace, row: str) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raymoe.train.device import make_deterministic, prepare_cpu_process, set_cpu_threads
+    from raymoe.runtime import prepare_process
 
-    prepare_cpu_process()
-    set_cpu_threads()
-    make_deterministic(torch.device("cpu"))
+    prepare_process(torch.device("cpu"))
     for row in args.rows:
         if args.steps > 0:
             print(json.dumps(_steps_part(args, row)), flush=True)

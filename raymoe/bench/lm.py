@@ -126,14 +126,10 @@ def _variants(args, precision: str, device: torch.device) -> list[Variant]:
 
 def run(args: argparse.Namespace) -> int:
     from raymoe.bench.fidelity import cpu_model
-    from raymoe.train.device import make_deterministic, pick_device, prepare_cpu_process, set_cpu_threads
-    from raymoe.train.precision import bf16_supported
+    from raymoe.runtime import bf16_supported, pick_device, prepare_process
 
-    prepare_cpu_process()
     device = pick_device(args.device)
-    if device.type == "cpu":
-        set_cpu_threads()
-    make_deterministic(device)
+    prepare_process(device)
     precisions = list(args.precisions)
     header = {"bench": "lm", "device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads()}
     if "bf16" in precisions and not bf16_supported(device):

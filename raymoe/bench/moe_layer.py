@@ -149,7 +149,7 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
 
 
 def run(args: argparse.Namespace) -> int:
-    from raymoe.train.device import prepare_cpu_process
+    from raymoe.runtime import prepare_cpu_process
 
     prepare_cpu_process()  # the process settings every training process runs with
     if args.threads:

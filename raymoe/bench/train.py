@@ -51,16 +51,13 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.data.batches import eval_batches, train_batches
     from raymoe.data.datasets import load_dataset
     from raymoe.parallel.context import DistContext
-    from raymoe.train.device import (epoch_seed, make_deterministic, pick_device, prepare_cpu_process,
-                                     seed_everything, set_cpu_threads)
+    from raymoe.runtime import epoch_seed, pick_device, prepare_process, seed_everything
     from raymoe.train.loop import build_for, make_optimizer
     from raymoe.train.step import evaluate, train_epoch
 
-    prepare_cpu_process()
     cfg = bench_config(args)
     device = pick_device(cfg.train.device)
-    threads = set_cpu_threads() if device.type == "cpu" else torch.get_num_threads()
-    make_deterministic(device)
+    threads = prepare_process(device)
     seed_everything(cfg.seed)
     ctx = DistContext(device=device)
     data = load_dataset(cfg.data, device)

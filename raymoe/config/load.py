@@ -16,7 +16,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.schema import LM_ARCHS, SPARSE_GATES, TOKEN_MOE_ARCHS, ExperimentConfig
 
 T = TypeVar("T")
@@ -313,8 +313,7 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
              f"give train.max_steps ({t.max_steps}) or train.tokens, not both")
     _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
     if t.precision == "bf16":
-        from raymoe.train.precision import bf16_supported
-        from raymoe.train.device import pick_device
+        from raymoe.runtime import bf16_supported, pick_device
 
         device = pick_device(t.device) if s.num_workers == 0 or not s.use_gpu else None
         _require(device is None or bf16_supported(device), "train.precision", t.precision,

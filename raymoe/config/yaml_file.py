@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -13,14 +13,11 @@ import struct
 from pathlib import Path
 
 import torch
-from torchvision import datasets as tvd
 from torchvision.datasets.utils import check_integrity
 
-from raymoe.data.sources import LAYOUTS, DataError, Located
+from raymoe.data.sources import LAYOUTS, DataError, Located, torchvision_class
 from raymoe.data.stats import dataset_info
 
-TORCHVISION_CLASSES = {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
-                       "cifar100": tvd.CIFAR100}
 IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned-byte IDX with 3 dims (images) / 1 dim (labels)
 
 
@@ -51,7 +48,7 @@ def _read_idx_split(name: str, tv_root: Path, located: Located, train: bool) -> 
     if n_images != n_labels:
         raise DataError(name, f"{located.files[images]} holds {n_images} images but {located.files[labels]} "
                               f"holds {n_labels} labels")
-    ds = TORCHVISION_CLASSES[name](str(tv_root), train=train, download=False)
+    ds = torchvision_class(name)(str(tv_root), train=train, download=False)
     return ds.data.unsqueeze(1), ds.targets.to(torch.int64)  # (N, 28, 28) -> (N, 1, 28, 28)
 
 
@@ -63,7 +60,7 @@ def _bad_cifar_files(cls, tv_root: Path) -> list[str]:
 
 
 def _read_cifar_split(name: str, tv_root: Path, located: Located, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    cls = TORCHVISION_CLASSES[name]
+    cls = torchvision_class(name)
     try:
         ds = cls(str(tv_root), train=train, download=False)
     except Exception as exc:  # torchvision: "not found or corrupted", or an unpickling error

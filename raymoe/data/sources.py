@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.data.stats import dataset_info
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -136,15 +136,21 @@ def _not_found(cfg, tried: list[tuple[str, str]], download_problem: str) -> Data
     return DataError(cfg.name, "\n".join(lines))
 
 
+def torchvision_class(name: str):
+    """torchvision's Dataset class of a config `data.name` (imported on first use: it is slow to import)."""
+    from torchvision import datasets as tvd
+
+    return {"mnist": tvd.MNIST, "fashion_mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
+            "cifar100": tvd.CIFAR100}[name]
+
+
 def download(cfg) -> Located:
     """Let torchvision download the data set into data.root (then found there in its layout)."""
-    from raymoe.data.readers import TORCHVISION_CLASSES
-
     root = data_root(cfg)
     tried: list[tuple[str, str]] = []
     try:
         root.mkdir(parents=True, exist_ok=True)
-        TORCHVISION_CLASSES[cfg.name](str(root), train=True, download=True)
+        torchvision_class(cfg.name)(str(root), train=True, download=True)
     except Exception as exc:  # network, disk, checksum: all end as one clear message
         locate(cfg, tried)
         raise _not_found(cfg, tried, f"failed ({type(exc).__name__}: {exc})".replace("\n", " ")) from None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.schema import ExperimentConfig
 from raymoe.models.blocks import run_blocks
 from raymoe.models.output import ModelOutput

@@ -22,7 +22,7 @@ from torch import nn
 
 from raymoe.models.output import ModelOutput
 from raymoe.moe.expert_stack import ExpertStack
-from raymoe.parallel.dispatch import LocalDispatcher
+from raymoe.moe.dispatch import LocalDispatcher
 
 
 class ExpectationMoE(nn.Module):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from raymoe.parallel.collectives import in_graph
 from raymoe.parallel.comm_meter import METER
-from raymoe.parallel.dispatch import DispatchMeta, inverse_permutation, put_rows, sort_pairs, take_rows
+from raymoe.moe.dispatch import DispatchMeta, inverse_permutation, put_rows, sort_pairs, take_rows
 
 
 def _remote_bytes(rows: torch.Tensor, splits: list[int], group) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from raymoe.config.load import flatten
-from raymoe.train.loop_config import sqlite_path
+from raymoe.tracking.uri import sqlite_path
 
 RUN_NAME_TAG = "raymoe.run_name"
 FAILURE_TAG = "raymoe.failure_reason"

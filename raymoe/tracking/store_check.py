@@ -29,7 +29,7 @@ def folder_problem(folder: str | os.PathLike) -> str | None:
 def tracking_problem(uri: str) -> str | None:
     """Why this tracking store cannot be written (None if it can): its file and folder, then a real connection."""
     from raymoe.tracking.mlflow_run import _retry, client_for
-    from raymoe.train.loop_config import sqlite_path
+    from raymoe.tracking.uri import sqlite_path
 
     path = sqlite_path(uri)
     if path is not None:

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import time
 
-from raymoe.config.errors import ConfigError
-from raymoe.train.loop_config import absolute_tracking_uri, sqlite_path
+from raymoe.errors import ConfigError
+from raymoe.tracking.uri import absolute_tracking_uri, sqlite_path
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 # MLflow 3.17's UI picks GenAI or model training from this URL parameter (else the browser's last choice; GenAI

@@ -15,13 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
 from raymoe.config.schema import LM_ARCHS, ExperimentConfig, TrainConfig
 from raymoe.parallel.context import DistContext
 from raymoe.tracking.mlflow_run import NullRun, TrackedRun
-from raymoe.train.device import (epoch_seed, make_deterministic, pick_device, prepare_cpu_process,
-                                 seed_everything, set_cpu_threads)
+from raymoe.runtime import epoch_seed, pick_device, prepare_process, seed_everything
 from raymoe.train.step import EpochResult, StepSettings, TrainingDiverged, post_step_hooks, train_epoch
 
 # Fields of the config that fix the parameter shapes: a checkpoint made with other values cannot be loaded.
@@ -212,13 +211,10 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
     from raymoe.train.reporter import make_reporter
     from raymoe.train.workload import make_workload
 
-    prepare_cpu_process()
     cfg = load_experiment(raw=loop_config["experiment"])
     run_name = loop_config["run_name"]
     device = pick_device(cfg.train.device)
-    if device.type == "cpu":
-        set_cpu_threads()
-    make_deterministic(device)
+    prepare_process(device)  # train_fn is the entry point of every worker and trial (raymoe/runtime.py)
     ctx = DistContext.from_env(cfg.scaling.expert_parallel, device)
     say = print if ctx.is_main else (lambda *a, **k: None)
 
@@ -354,7 +350,7 @@ def _log_final_artifacts(tracked: TrackedRun, matrices: dict, work,
 def text_exemplars(model: nn.Module, work) -> str:
     """Per MoE layer of a language model: each expert's most routed and highest-weighted validation tokens, in
     context, as Markdown (docs/observatory.md)."""
-    from raymoe.analysis.text_exemplars import exemplar_markdown, top_tokens
+    from raymoe.tracking.text_exemplars import exemplar_markdown, top_tokens
 
     data = work.data
     found = top_tokens(model, data.val_x, work.cfg.train.eval_batch_size)
@@ -364,7 +360,7 @@ def text_exemplars(model: nn.Module, work) -> str:
 
 def exemplar_figures(model: nn.Module, work) -> dict:
     """Per gate (layer): each expert's 8 highest-weighted test images (docs/observatory.md)."""
-    from raymoe.analysis.exemplars import exemplar_figure, top_images
+    from raymoe.tracking.exemplars import exemplar_figure, top_images
     from raymoe.data.batches import eval_batches
     from raymoe.data.stats import dataset_info
 

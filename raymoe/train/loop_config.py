@@ -14,27 +14,8 @@ from typing import Any
 
 from raymoe.config.load import to_dict
 from raymoe.config.schema import ExperimentConfig
+from raymoe.tracking.uri import absolute_tracking_uri
 from raymoe.train.identity import run_name as identity_run_name
-
-_SQLITE = "sqlite:///"
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """`sqlite:///mlflow.db` -> `sqlite:////<cwd>/mlflow.db`; other URIs unchanged."""
-    if not uri.startswith(_SQLITE):
-        return uri
-    path = uri[len(_SQLITE):]
-    if path.startswith("/") or path in ("", ":memory:"):
-        return uri
-    return _SQLITE + os.path.abspath(path)
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file behind a `sqlite:///` URI (None for servers)."""
-    if not uri.startswith(_SQLITE):
-        return None
-    return Path(uri[len(_SQLITE):])
-
 
 def make_loop_config(cfg: ExperimentConfig, *, run_name: str | None = None, config_path: str | None = None,
                      parent_run_id: str | None = None, tags: dict[str, str] | None = None, fresh: bool = False,

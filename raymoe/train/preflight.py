@@ -4,7 +4,7 @@ after an epoch of training."""
 
 from __future__ import annotations
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.schema import ExperimentConfig
 from raymoe.tracking.store_check import folder_problem, tracking_problem
 

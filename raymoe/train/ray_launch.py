@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.schema import ExperimentConfig
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")

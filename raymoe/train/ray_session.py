@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 
 CONNECT_TIMEOUT_S = 10.0
 LOCAL_MIN_CPUS = 4

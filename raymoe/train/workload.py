@@ -14,10 +14,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.schema import LM_ARCHS, ExperimentConfig
 from raymoe.parallel.context import DistContext
-from raymoe.train.device import epoch_seed
+from raymoe.runtime import epoch_seed
 
 
 STABILITY_ITEMS = 2048  # items (images, or tokens of the first images) compared between evaluations

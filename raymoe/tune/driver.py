@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raymoe.config.errors import ConfigError
-from raymoe.train.loop_config import absolute_tracking_uri
+from raymoe.errors import ConfigError
+from raymoe.tracking.uri import absolute_tracking_uri
 from raymoe.tune.sweep_load import Sweep
 
 DEFAULT_STORAGE = "ray_results/sweeps"
@@ -77,7 +77,7 @@ def _absolute_paths(raw: dict[str, Any]) -> dict[str, Any]:
 def check_sweep_dir(sweep: Sweep, sweep_dir: Path, resume: bool) -> None:
     from ray.tune import Tuner
 
-    from raymoe.tune.mlflow_sweep import read_state
+    from raymoe.tracking.sweep_runs import read_state
 
     if resume:
         if not sweep_dir.exists():
@@ -264,7 +264,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     import ray.tune
 
     from raymoe.tracking.store_check import folder_problem, tracking_problem
-    from raymoe.tune import mlflow_sweep
+    from raymoe.tracking import sweep_runs
     from raymoe.tune.report import build_report
     from raymoe.tune.trial import TrialPlan, run_trial
 
@@ -291,7 +291,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
         else:
             fits = f"this machine's {physical_cores()} physical cores" if started else "the cluster"
             chosen = f"what fits {fits}; --max-concurrent to change"
-        parent = mlflow_sweep.open_parent(sweep, uri, experiment, sweep_dir, resume)
+        parent = sweep_runs.open_parent(sweep, uri, experiment, sweep_dir, resume)
         plan = TrialPlan(
             sweep_name=sweep.name, strategy=sweep.config.strategy, parent_run_id=parent.run_id, tracking_uri=uri,
             experiment=experiment, storage_path=str(sweep_dir / "train"),
@@ -307,16 +307,16 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
         try:
             trials, interrupted = _fit_stages(sweep, sweep_dir, trainable, concurrency, resume, plan)
         except ConfigError as exc:  # a best_of row whose dependency produced no usable run: later stages not started
-            mlflow_sweep.finish_parent(parent, "FAILED", {"raymoe.failure": str(exc)})
+            sweep_runs.finish_parent(parent, "FAILED", {"raymoe.failure": str(exc)})
             raise
         timings["fit_s"] = time.perf_counter() - fit_start
         outcome = SweepOutcome(sweep.name, str(sweep_dir), parent.run_id, uri, experiment, trials=trials,
                                timings=timings)
         if interrupted or len(trials) < sweep.num_trials:
             outcome.interrupted = True
-            mlflow_sweep.finish_parent(parent, "KILLED", {"raymoe.interrupted": "true"})
+            sweep_runs.finish_parent(parent, "KILLED", {"raymoe.interrupted": "true"})
             return outcome
-        changed = mlflow_sweep.reconcile_children(plan, trials)
+        changed = sweep_runs.reconcile_children(plan, trials)
         if changed["orphaned"]:
             print(f"raymoe tune: removed {changed['orphaned']} MLflow child run(s) of trials the killed driver had "
                   f"started after its last saved state (re-run by this resume; `mlflow runs restore` brings them "
@@ -325,7 +325,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
         outcome.report = build_report(uri, experiment, sweep.name, parent_run_id=parent.run_id,
                                       out_dir=report_dir, log_to_parent=True)
         timings["report_s"] = time.perf_counter() - end
-        mlflow_sweep.finish_parent(parent, "FINISHED")
+        sweep_runs.finish_parent(parent, "FINISHED")
         return outcome
     finally:
         if started and shutdown:

@@ -95,7 +95,7 @@ def find_parent(client, name: str, experiment: str | None = None):
 def collect_rows(client, parent, curves: tuple[str, ...] = ()) -> list[TrialRow]:
     """One row per child run of the parent, ordered by Tune trial index; with the per-epoch history of `curves`."""
     from raymoe.tracking.mlflow_run import FAILURE_TAG
-    from raymoe.tune.mlflow_sweep import STOPPED_EARLY_TAG, sweep_children
+    from raymoe.tracking.sweep_runs import STOPPED_EARLY_TAG, sweep_children
 
     rows = []
     for run in sweep_children(client, parent.info.experiment_id, parent.info.run_id):
@@ -245,7 +245,7 @@ def build_report(uri: str, experiment: str | None, name: str, *, parent_run_id: 
     Raises:
         ConfigError: no sweep of that name in the tracking store.
     """
-    from raymoe.config.errors import ConfigError
+    from raymoe.errors import ConfigError
     from raymoe.tracking.mlflow_run import client_for
     from raymoe.tune import plots
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,9 +57,9 @@ def register_best(uri: str, report, name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raymoe.train.loop_config import absolute_tracking_uri
+    from raymoe.tracking.uri import absolute_tracking_uri
     from raymoe.tune.driver import DEFAULT_STORAGE, sweep_dir_for
-    from raymoe.tune.mlflow_sweep import read_state
+    from raymoe.tracking.sweep_runs import read_state
     from raymoe.tune.report import build_report, format_report
 
     if args.register is not None:

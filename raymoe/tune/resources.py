@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.tune.sweep_schema import ResourcesConfig
 
 TRIAL_DRIVER_CPUS = 0.01  # the trial only waits on trainer.fit(); a whole CPU would halve concurrency on 2 cores

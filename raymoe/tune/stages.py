@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.tune.sweep_schema import LOOP_METRICS, Mode, is_reported
 
 # Settings a best_of reference can fill, and what of the picked run it fills them with.

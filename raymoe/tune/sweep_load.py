@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.config.load import (SEED_MAX, apply_overrides, flatten, from_dict, load_experiment, read_yaml,
                                 to_dict)
 from raymoe.config.schema import ExperimentConfig

@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raymoe.tracking.sweep_runs import ROLE_TAG, SWEEP_TAG
 from raymoe.tune.searcher import POINT_KEY, SEED_KEY
 
 # MLflow tags every trial's child run carries (the report reads them back).
-SWEEP_TAG = "raymoe.sweep"
-ROLE_TAG = "raymoe.role"
 TRIAL_ID_TAG = "raymoe.trial_id"
 TRIAL_INDEX_TAG = "raymoe.trial_index"
 POINT_TAG = "raymoe.point"
@@ -79,10 +78,10 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     """Tune function trainable: one training run of the sweep (see module docstring)."""
     import ray.tune
 
-    from raymoe.config.errors import ConfigError
+    from raymoe.errors import ConfigError
     from raymoe.config.load import load_experiment
     from raymoe.train.loop_config import make_loop_config
-    from raymoe.tune import mlflow_sweep
+    from raymoe.tracking import sweep_runs
 
     started = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -95,7 +94,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     try:
         cfg = load_experiment(raw=raw, overrides=overrides)
     except ConfigError as exc:  # an invalid sampled combination: this trial fails, the sweep goes on
-        mlflow_sweep.record_failed_child(plan, run_name, tags, f"invalid config: {exc}", overrides)
+        sweep_runs.record_failed_child(plan, run_name, tags, f"invalid config: {exc}", overrides)
         raise
     loop_config = make_loop_config(cfg, run_name=run_name, parent_run_id=plan.parent_run_id, tags=tags,
                                    checkpoint_root=str(Path(plan.storage_path) / "local"))
@@ -106,7 +105,7 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
             _fit(cfg, loop_config)
     except Exception as exc:  # not SystemExit: that is Tune stopping the trial (ASHA), reconciled by the driver
         # train_fn marks its own run FAILED; this covers failures before it opened one (data, workers, OOM kill)
-        mlflow_sweep.record_failed_child(plan, run_name, tags, f"{type(exc).__name__}: {exc}", overrides)
+        sweep_runs.record_failed_child(plan, run_name, tags, f"{type(exc).__name__}: {exc}", overrides)
         raise
     finally:
         _write_timing(plan, trial_id, run_name, started)

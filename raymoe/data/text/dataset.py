@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.data.text import shards
 from raymoe.data.text.prepare import prepare_text_data
 from raymoe.data.text.tokenizers import TextTokenizer, load_tokenizer

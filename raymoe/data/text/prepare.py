@@ -18,7 +18,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 from raymoe.data.sources import data_root
 from raymoe.data.text import shards
 from raymoe.data.text.sources import corpus_folder, fingerprint_inputs, read_texts

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 
 META_FILE = "meta.json"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}

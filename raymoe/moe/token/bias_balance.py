@@ -10,10 +10,13 @@ Shape legend: N tokens, E experts, K experts per token.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from raymoe.parallel.context import DistContext
+if TYPE_CHECKING:  # the training loop passes its context in; moe code does not depend on raymoe.parallel
+    from raymoe.parallel.context import DistContext
 
 
 class BiasBalancer(nn.Module):

@@ -32,7 +32,7 @@ from raymoe.moe.token.grouped import Impl
 from raymoe.moe.token.hypermoe import HyperMoE
 from raymoe.moe.token.routers import TokenRouter
 from raymoe.moe.token.shared import shared_experts
-from raymoe.parallel.dispatch import LocalDispatcher
+from raymoe.moe.dispatch import LocalDispatcher
 
 
 class TokenMoE(nn.Module):

@@ -12,17 +12,27 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from raymoe.config.load import flatten
 from raymoe.tracking.mlflow_run import (FAILURE_TAG, PARENT_TAG, RUN_NAME_TAG, _retry, client_for, ensure_experiment,
                                         find_runs)
-from raymoe.tune.trial import ROLE_TAG, SWEEP_TAG, TrialPlan
 
+SWEEP_TAG = "raymoe.sweep"
+ROLE_TAG = "raymoe.role"
 SWEEP_ID_TAG = "raymoe.sweep_id"
 STOPPED_EARLY_TAG = "raymoe.stopped_early"
 ORPHAN_TAG = "raymoe.orphaned"
 STATE_FILE = "raymoe_sweep.json"  # in the sweep folder: which parent run a --resume continues
+
+
+class TrialPlan(Protocol):
+    """What these functions need of a sweep's trial plan (raymoe.tune.trial.TrialPlan)."""
+
+    sweep_name: str
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Device choice, CPU threads and seeding: everything process-wide a run sets before it builds anything."""
+"""The process-wide runtime: device choice, bf16 support, CPU threads, seeding, and the CPU settings (subnormals,
+glibc's allocator, deterministic kernels) that every entry point applies before it builds anything."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 import torch.utils.deterministic
 
-from raymoe.config.errors import ConfigError
+from raymoe.errors import ConfigError
 
 
 def in_ray_train_worker() -> bool:
@@ -40,6 +41,16 @@ def pick_device(kind: str) -> torch.device:
 
         return ray.train.torch.get_device()
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 arithmetic in hardware: CUDA devices that report it, CPUs with AVX512-BF16 or AMX (oneDNN's check)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None else False
+    return False
 
 
 def set_cpu_threads(local_world_size: int = 1) -> int:
@@ -118,3 +129,14 @@ def make_deterministic(device: torch.device) -> None:
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def prepare_process(device: torch.device) -> int:
+    """What every entry point (train_fn in each Ray worker or Tune trial, the benchmarks) does first for its
+    device: the CPU settings above, this process's share of the cores, deterministic CPU kernels. Returns the
+    intra-op thread count."""
+    prepare_cpu_process()
+    threads = set_cpu_threads() if device.type == "cpu" else torch.get_num_threads()
+    make_deterministic(device)
+    return threads
+
