@@ -14,7 +14,7 @@ import yaml
 
 from raymoe.cli import main as cli_main
 from raymoe.errors import ConfigError
-from raymoe.tune.space import DefineByRun
+from raymoe.tune.points import DefineByRun
 from raymoe.tune.sweep_load import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]

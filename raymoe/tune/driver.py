@@ -185,7 +185,7 @@ def _tune_config(sweep: Sweep, concurrency: int, sweep_dir: Path):
 
     from raymoe.config.load import flatten, to_dict
     from raymoe.tune.searcher import SeedRepeatSearch
-    from raymoe.tune.space import DefineByRun
+    from raymoe.tune.points import DefineByRun
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE group/multivariate
     cfg = sweep.config
@@ -405,7 +405,7 @@ def _resolve_references(sweep: Sweep, points: list, finished: list[dict[str, Any
 
     from raymoe.tune.stages import BestOf, is_reference, pick_best
 
-    from raymoe.tune.grid import row_category
+    from raymoe.tune.points import row_category
 
     rows = {row_category(r): i for i, r in enumerate(sweep.config.rows)}
     out = []

@@ -24,7 +24,7 @@ from raymoe.errors import ConfigError
 from raymoe.config.load import (SEED_MAX, apply_overrides, flatten, from_dict, load_experiment, read_yaml,
                                 to_dict)
 from raymoe.config.schema import ExperimentConfig
-from raymoe.tune.grid import GridPoint, expand_grid, expand_row, row_category
+from raymoe.tune.points import GridPoint, expand_grid, expand_row, row_category
 from raymoe.tune.stages import is_reference, parse_reference, stage_numbers
 from raymoe.tune.sweep_schema import LOOP_METRICS, PER_LAYER, ParamSpec, SweepConfig, is_reported
 
