@@ -64,7 +64,7 @@ def comparison_table(rows: list[tuple[str, dict, float]]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from raymoe.train.command import check_data_available, train
-    from raymoe.train.loop_config import make_loop_config
+    from raymoe.train.run_spec import make_run_spec
 
     configs = demo_configs(args)
     check_data_available(configs[0][1])
@@ -72,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
     for label, cfg, preset in configs:
         print(f"== {label} MoE ({cfg.gate.kind} gate, {cfg.model.num_experts} experts): {cfg.train.epochs} epochs on "
               f"{cfg.data.train_limit or 'all'} Fashion-MNIST training images", flush=True)
-        loop_config = make_loop_config(cfg, config_path=preset, fresh=args.fresh)
-        uri = loop_config["experiment"]["tracking"]["uri"]
+        spec = make_run_spec(cfg, config_path=preset, fresh=args.fresh)
+        uri = spec.tracking_uri
         start = time.perf_counter()
-        metrics = train(cfg, loop_config)
+        metrics = train(spec)
         rows.append((label, metrics, time.perf_counter() - start))
     print()
     print("Fashion-MNIST test set (10,000 images); I(E;Y) uses the selected expert's prediction (paper), "

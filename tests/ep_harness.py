@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from raymoe.models.output import ModelOutput
+from raymoe.moe.dispatch import LocalDispatcher
 from raymoe.moe.expert_stack import ExpertStack
 from raymoe.moe.routing import GateResult
 from raymoe.parallel.context import DistContext
-from raymoe.moe.dispatch import LocalDispatcher
 
 ATOL = 1e-5
 COLLECTIVE_TIMEOUT_S = 180  # a rank stuck in a collective (its peer failed) errors out instead of hanging 30 min

@@ -46,11 +46,27 @@ def _raw(data_root: Path, tmp: Path, name: str, epochs: int = 2, **scaling) -> d
     }
 
 
-def _loop_config(raw: dict, run_name: str):
-    from raymoe.train.loop_config import make_loop_config
+def _spec(raw: dict, run_name: str | None):
+    from raymoe.train.run_spec import make_run_spec
 
-    cfg = load_experiment(raw=raw)
-    return cfg, make_loop_config(cfg, run_name=run_name)
+    return make_run_spec(load_experiment(raw=raw), run_name=run_name)
+
+
+def _fail_on_rank1_after_epoch1(spec) -> None:
+    """A Ray Train worker function: train_fn, except that rank 1 raises once it has reported epoch 1, in every
+    attempt (so FailureConfig.max_failures is used up)."""
+    from raymoe.train import reporter
+    from raymoe.train.loop import train_fn
+
+    report = reporter.RayReporter.report
+
+    def report_then_fail(self, metrics, checkpoint_dir, epoch):
+        report(self, metrics, checkpoint_dir, epoch)
+        if self.rank == 1 and epoch >= 1:
+            raise RuntimeError(f"injected worker failure on rank {self.rank} after epoch {epoch}")
+
+    reporter.RayReporter.report = report_then_fail
+    train_fn(spec)
 
 
 def _my_train_workers():
@@ -107,10 +123,9 @@ def ray_local():
 def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(ray_local, tiny_fmnist_root, tmp_path):
     from raymoe.train.ray_launch import existing_run_epoch, run_on_ray
 
-    cfg, plain = _loop_config(_raw(tiny_fmnist_root, tmp_path, "ft"), "ft-plain")
-    expected = run_on_ray(cfg, plain)
+    expected = run_on_ray(_spec(_raw(tiny_fmnist_root, tmp_path, "ft"), "ft-plain"))
 
-    cfg, loop_config = _loop_config(_raw(tiny_fmnist_root, tmp_path, "ft"), "ft-killed")
+    spec = _spec(_raw(tiny_fmnist_root, tmp_path, "ft"), "ft-killed")
     run_dir = tmp_path / "ray" / "ft-killed"
     killed: dict = {}
 
@@ -127,7 +142,7 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(ray_local,
 
     killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
     killer.start()
-    final = run_on_ray(cfg, loop_config)
+    final = run_on_ray(spec)
     killer.join(timeout=5)
     assert killed.get("seen") == ["epoch_0001"], "the worker was not killed between epoch 1 and the end"
     assert final.keys() == expected.keys() and final["test_error"] == final["test_error"]  # not NaN
@@ -149,10 +164,12 @@ def test_killed_worker_resumes_from_checkpoint_with_identical_metrics(ray_local,
 def test_worker_failing_every_attempt_stops_after_max_failures(ray_local, tiny_fmnist_root, tmp_path):
     from raymoe.train.ray_launch import run_on_ray
 
-    cfg, loop_config = _loop_config(_raw(tiny_fmnist_root, tmp_path, "boom", epochs=1), "boom")
-    loop_config["inject_failure"] = {"rank": 1, "after_epoch": 1}
+    from ep_harness import _ship_by_value
+
+    _ship_by_value(sys.modules[__name__])  # the workers cannot import this test module
     with pytest.raises(RuntimeError) as info:
-        run_on_ray(cfg, loop_config)
+        run_on_ray(_spec(_raw(tiny_fmnist_root, tmp_path, "boom", epochs=1), "boom"),
+                   worker=_fail_on_rank1_after_epoch1)
     message = str(info.value)
     assert "scaling.max_failures = 1" in message
     assert "Traceback" in message and "injected worker failure on rank 1 after epoch 1" in message
@@ -226,7 +243,7 @@ def test_ray_job_submit_to_a_loopback_head(tiny_fmnist_root, tmp_path):
                                 env=env, capture_output=True, text=True, timeout=60)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
         assert f"Job '{submission}' succeeded" in status.stdout + status.stderr, status.stdout + status.stderr
-        runs = _mlflow_runs(tmp_path, _loop_config(raw, None)[1]["run_name"])
+        runs = _mlflow_runs(tmp_path, _spec(raw, None).run_name)
         assert [r.info.status for r in runs] == ["FINISHED"]
         assert "test_error" in runs[0].data.metrics
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from raymoe.config.load import load_experiment
-from raymoe.train.loop_config import make_loop_config
+from raymoe.train.run_spec import make_run_spec
 
 SYSTEM_COPY = Path("/usr/share/datasets/fashion-mnist")
 PRESET = Path(__file__).resolve().parents[1] / "tune_configs" / "paper" / "fmnist" / "attentive.yaml"
@@ -37,6 +37,6 @@ def test_one_epoch_attentive_moe_on_real_fashion_mnist(tmp_path, monkeypatch, re
                               overrides=overrides)
     assert (cfg.data.name, cfg.gate.kind, cfg.model.num_experts, cfg.model.hidden_size) == (
         "fashion_mnist", "attentive", 5, 32)
-    metrics = train_fn(make_loop_config(cfg))
+    metrics = train_fn(make_run_spec(cfg))
     assert metrics["test_error"] < 0.30, metrics
     assert 0.0 <= metrics["usage_entropy_bits"] <= 2.33  # log2 5

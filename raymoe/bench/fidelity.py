@@ -83,9 +83,9 @@ def _steps_part(args: argparse.Namespace, row: str) -> dict:
 
 def _raymoe_run(cfg, scratch: str) -> dict[str, float]:
     from raymoe.train.loop import train_fn
-    from raymoe.train.loop_config import make_loop_config
+    from raymoe.train.run_spec import make_run_spec
 
-    metrics = train_fn(make_loop_config(cfg, checkpoint_root=scratch, fresh=True))
+    metrics = train_fn(make_run_spec(cfg, checkpoint_root=scratch, fresh=True))
     return metrics
 
 

@@ -434,6 +434,21 @@ def _check_text_data(cfg: ExperimentConfig) -> int:
     return 256 if t.tokenizer == "byte" else t.vocab_size
 
 
+def check_on_this_machine(cfg: ExperimentConfig, device) -> None:
+    """The checks that depend on the machine a worker runs on (its device, its files), made again there: a Ray
+    worker on another node may lack what the driver had."""
+    t = cfg.train
+    if t.precision == "bf16":
+        from raymoe.runtime import bf16_supported
+
+        _require(bf16_supported(device), "train.precision", t.precision,
+                 f"this worker's {device} has no bf16 arithmetic (AVX512-BF16/AMX on CPU, or a GPU that supports "
+                 f"it); use fp32")
+    if t.distill_from is not None:
+        _require(Path(t.distill_from).exists(), "train.distill_from", t.distill_from,
+                 "checkpoint not found on this worker's machine")
+
+
 def load_experiment(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] = (),
                     raw: dict | None = None) -> ExperimentConfig:
     """Read, override, convert and check an experiment config."""

@@ -10,10 +10,13 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from raymoe.config.load import flatten
 from raymoe.tracking.uri import sqlite_path
+
+if TYPE_CHECKING:  # annotation only: train imports tracking, not the other way round
+    from raymoe.train.run_spec import RunSpec
 
 RUN_NAME_TAG = "raymoe.run_name"
 FAILURE_TAG = "raymoe.failure_reason"
@@ -122,18 +125,18 @@ class TrackedRun(NullRun):
         self.client, self.run_id, self.resumed, self.last_step = client, run_id, resumed, last_step
 
     @classmethod
-    def open(cls, loop_config: dict[str, Any], environment: dict[str, str]) -> "TrackedRun":
-        """Find (or, with `fresh`, replace) or create the run of loop_config["run_name"]; log params,
-        config and environment."""
+    def open(cls, spec: RunSpec, environment: dict[str, str]) -> "TrackedRun":
+        """Find (or, with `fresh`, replace) or create the run of spec.run_name; log params, config and
+        environment."""
         from mlflow.entities import Param, RunStatus
 
-        experiment = loop_config["experiment"]
-        tracking, run_name = experiment["tracking"], loop_config["run_name"]
+        experiment = spec.experiment_dict()
+        tracking, run_name = experiment["tracking"], spec.run_name
         client = client_for(tracking["uri"])
         experiment_id = ensure_experiment(client, tracking["experiment"], tracking["uri"])
         runs = find_runs(client, experiment_id, run_name)
-        if loop_config.get("fresh"):  # drop older runs of this name, keep what this launch made (worker restarts)
-            launch = loop_config.get("launch_id")
+        if spec.fresh:  # drop older runs of this name, keep what this launch made (worker restarts)
+            launch = spec.launch_id
             for run in runs:
                 if run.data.tags.get(LAUNCH_TAG) != launch:  # soft delete: `mlflow runs restore` brings it back
                     _retry(client.delete_run, run.info.run_id)
@@ -146,17 +149,16 @@ class TrackedRun(NullRun):
             tracked = cls(client, run.info.run_id, True, max((m.step for m in history), default=0))
             old_params = run.data.params
         else:
-            tags = {RUN_NAME_TAG: run_name, LAUNCH_TAG: loop_config.get("launch_id", ""),
-                    "raymoe.config_name": experiment["name"], **env_tags,
-                    **loop_config.get("mlflow_tags", {})}
+            tags = {RUN_NAME_TAG: run_name, LAUNCH_TAG: spec.launch_id, "raymoe.config_name": experiment["name"],
+                    **env_tags, **spec.tags}
             # the UI's Source column: what started the run
             tags["mlflow.source.type"] = "LOCAL"
-            tags["mlflow.source.name"] = (f"raymoe train {loop_config['config_path']}" if loop_config.get("config_path")
+            tags["mlflow.source.name"] = (f"raymoe train {spec.config_path}" if spec.config_path
                                           else f"raymoe ({run_name})")
             if env_tags.get("raymoe.env.git_commit", "none") != "none":
                 tags["mlflow.source.git.commit"] = environment["git_commit"]
-            if loop_config.get("mlflow_parent_run_id"):
-                tags[PARENT_TAG] = loop_config["mlflow_parent_run_id"]
+            if spec.parent_run_id:
+                tags[PARENT_TAG] = spec.parent_run_id
             run = _retry(client.create_run, experiment_id, run_name=run_name, tags=tags)
             tracked = cls(client, run.info.run_id, False, 0)
             old_params = {}
@@ -165,9 +167,9 @@ class TrackedRun(NullRun):
         params = [Param(k, str(v)[:6000]) for k, v in flatten(experiment).items() if k not in old_params]
         for i in range(0, len(params), 100):
             _retry(client.log_batch, tracked.run_id, params=params[i:i + 100])
-        if loop_config.get("config_text") is not None:
-            _retry(client.log_text, tracked.run_id, loop_config["config_text"],
-                   f"config/{Path(loop_config['config_path'] or 'config.yaml').name}")
+        if spec.config_text is not None:
+            _retry(client.log_text, tracked.run_id, spec.config_text,
+                   f"config/{Path(spec.config_path or 'config.yaml').name}")
         tracked.log_dict(experiment, "config/resolved.json")
         tracked.log_dict(environment, "environment.json")
         return tracked

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from raymoe.config.load import load_experiment
+from raymoe.train.run_spec import RunSpec
 from raymoe.train.step import TrainingDiverged
 
 
@@ -56,33 +57,33 @@ def summary(metrics: dict, run_id: str | None, uri: str) -> str:
     return "\n".join(lines)
 
 
-def train(cfg, loop_config: dict, address: str | None = None) -> dict:
+def train(spec: RunSpec, address: str | None = None) -> dict:
     """Run one experiment where its config says (this process or Ray Train workers); returns final metrics."""
+    cfg = spec.experiment
     if cfg.scaling.num_workers == 0:
         from raymoe.train.loop import train_fn
 
-        if loop_config["fresh"]:  # local checkpoints live in <checkpoint_root>/<run_name>/epoch_XXXX
-            shutil.rmtree(Path(loop_config["checkpoint_root"]) / loop_config["run_name"], ignore_errors=True)
-        return train_fn(loop_config)
+        if spec.fresh:  # local checkpoints live in <checkpoint_root>/<run_name>/epoch_XXXX
+            shutil.rmtree(Path(spec.checkpoint_root) / spec.run_name, ignore_errors=True)
+        return train_fn(spec)
     from raymoe.train.ray_launch import run_on_ray, storage_uri
 
     storage = storage_uri(cfg)
-    if loop_config["fresh"] and "://" not in storage:  # else Train V2 would resume the old run's snapshot
-        shutil.rmtree(Path(storage) / loop_config["run_name"], ignore_errors=True)
-    return run_on_ray(cfg, loop_config, address=address)
+    if spec.fresh and "://" not in storage:  # else Train V2 would resume the old run's snapshot
+        shutil.rmtree(Path(storage) / spec.run_name, ignore_errors=True)
+    return run_on_ray(spec, address=address)
 
 
 def run(args: argparse.Namespace) -> int:
-    from raymoe.train.loop_config import make_loop_config
-
     from raymoe.train.preflight import check_outputs
+    from raymoe.train.run_spec import make_run_spec
 
     cfg = load_experiment(args.config, args.overrides)
     check_data_available(cfg)
     check_outputs(cfg)
-    loop_config = make_loop_config(cfg, config_path=args.config, fresh=args.fresh)
+    spec = make_run_spec(cfg, config_path=args.config, fresh=args.fresh)
     try:
-        metrics = train(cfg, loop_config, address=args.address)
+        metrics = train(spec, address=args.address)
     except TrainingDiverged as exc:
         print(f"raymoe train: {exc}", file=sys.stderr)
         return 1
@@ -91,12 +92,12 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"raymoe train: {exc}", file=sys.stderr)  # run_on_ray: the workers' error after all restarts
         return 1
-    uri = loop_config["experiment"]["tracking"]["uri"]
+    uri = spec.tracking_uri
     run_id = None
     if cfg.tracking.enabled:
         from raymoe.tracking.mlflow_run import find_run_id
 
-        run_id = find_run_id(uri, cfg.tracking.experiment, loop_config["run_name"])
-    print(f"{loop_config['run_name']} done.")
+        run_id = find_run_id(uri, cfg.tracking.experiment, spec.run_name)
+    print(f"{spec.run_name} done.")
     print(summary(metrics or {}, run_id, uri))
     return 0

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from raymoe.errors import ConfigError
-from raymoe.config.load import load_experiment
+from raymoe.config.load import check_on_this_machine
 from raymoe.config.schema import LM_ARCHS, ExperimentConfig, TrainConfig
 from raymoe.parallel.context import DistContext
 from raymoe.tracking.mlflow_run import NullRun, TrackedRun
 from raymoe.runtime import epoch_seed, pick_device, prepare_process, seed_everything
+from raymoe.train.run_spec import RunSpec
 from raymoe.train.step import EpochResult, StepSettings, TrainingDiverged, post_step_hooks, train_epoch
 
 # Fields of the config that fix the parameter shapes: a checkpoint made with other values cannot be loaded.
@@ -134,7 +135,7 @@ def _checkpoint_folder(path: str) -> str:
     return str(epochs[-1])
 
 
-def _resume(reporter, loop_config: dict, model, optimizer, ctx: DistContext) -> tuple[int, dict, dict]:
+def _resume(reporter, spec: RunSpec, model, optimizer, ctx: DistContext) -> tuple[int, dict, dict]:
     """(epochs already done, their last metrics, the checkpoint's extra) from the latest checkpoint of this run,
     or (0, {}, {})."""
     from raymoe.train.checkpoint import load_checkpoint
@@ -142,20 +143,20 @@ def _resume(reporter, loop_config: dict, model, optimizer, ctx: DistContext) -> 
     directory = reporter.latest_checkpoint()
     if directory is None:
         return 0, {}, {}
-    if loop_config.get("fresh"):  # start over, except after a restart of this same launch (Ray worker failure)
+    if spec.fresh:  # start over, except after a restart of this same launch (Ray worker failure)
         from raymoe.train.checkpoint import load_full_state
 
         _, saved = load_full_state(directory)
-        if (saved or {}).get("launch_id") != loop_config.get("launch_id"):
+        if (saved or {}).get("launch_id") != spec.launch_id:
             return 0, {}, {}
     try:
         extra = load_checkpoint(directory, model=model, optimizer=optimizer, ctx=ctx) or {}
-        problem = "; ".join(_arch_differences(extra.get("config"), loop_config["experiment"]))
+        problem = "; ".join(_arch_differences(extra.get("config"), spec.experiment_dict()))
     except (RuntimeError, KeyError, ValueError) as exc:
         problem = str(exc).splitlines()[0]
     if problem:
         raise CheckpointMismatch("checkpoint", str(directory),
-                                 f"cannot resume run {loop_config['run_name']} from it, it is from another "
+                                 f"cannot resume run {spec.run_name} from it, it is from another "
                                  f"architecture ({problem}); start over with --fresh")
     return int(extra["epoch"]), dict(extra.get("metrics") or {}), extra
 
@@ -197,11 +198,11 @@ def _summary_line(progress: str, m: dict[str, float]) -> str:
             f"H_u {f('usage_entropy_bits')} | {m.get('samples_per_s', 0):.0f} samples/s")
 
 
-def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
+def train_fn(spec: RunSpec) -> dict[str, float]:
     """Train one experiment; returns the final epoch's metrics (the same dict on every rank).
 
     Args:
-        loop_config: from `raymoe.train.loop_config.make_loop_config`.
+        spec: from `raymoe.train.run_spec.make_run_spec` (its launcher says where to report).
 
     Raises:
         ConfigError: bad config, data, or a checkpoint that does not fit (before any MLflow run exists).
@@ -211,10 +212,10 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
     from raymoe.train.reporter import make_reporter
     from raymoe.train.workload import make_workload
 
-    cfg = load_experiment(raw=loop_config["experiment"])
-    run_name = loop_config["run_name"]
+    cfg, run_name = spec.experiment, spec.run_name
     device = pick_device(cfg.train.device)
     prepare_process(device)  # train_fn is the entry point of every worker and trial (raymoe/runtime.py)
+    check_on_this_machine(cfg, device)
     ctx = DistContext.from_env(cfg.scaling.expert_parallel, device)
     say = print if ctx.is_main else (lambda *a, **k: None)
 
@@ -226,8 +227,8 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
 
         model = apply_expert_parallel(model, ctx) or model
     optimizer = make_optimizer(cfg.train, model)
-    reporter = make_reporter(ctx, loop_config)
-    done, last_metrics, saved = _resume(reporter, loop_config, model, optimizer, ctx)
+    reporter = make_reporter(ctx, spec)
+    done, last_metrics, saved = _resume(reporter, spec, model, optimizer, ctx)
     work.restore(saved.get("workload_state") or {})  # e.g. the routing of the last evaluation (stability)
     if done:
         say(f"resuming {run_name} from {work.progress(done).split('/')[0]}", flush=True)
@@ -236,8 +237,8 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
     if ctx.is_main and cfg.tracking.enabled:
         from raymoe.tracking.environment import describe_environment
 
-        tracked = TrackedRun.open(loop_config, describe_environment(device, ctx.world_size))
-    monitor = _native_tracking(tracked, cfg, work, loop_config["experiment"]["tracking"]["uri"])
+        tracked = TrackedRun.open(spec, describe_environment(device, ctx.world_size))
+    monitor = _native_tracking(tracked, cfg, work, spec.tracking_uri)
     try:
         if done and work.mlflow_step(done) > tracked.last_step and last_metrics:  # restart between checkpoint and log
             tracked.log_metrics(last_metrics, work.mlflow_step(done))
@@ -273,8 +274,8 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
             evaluated, matrices = work.evaluate(model, final=interval == work.intervals)
             metrics = epoch_metrics(result, evaluated, time.perf_counter() - start)
             say(_summary_line(work.progress(interval), metrics), flush=True)
-            extra = {"metrics": metrics, "run_name": run_name, "launch_id": loop_config.get("launch_id"),
-                     "config": loop_config["experiment"], "workload_state": work.state()}
+            extra = {"metrics": metrics, "run_name": run_name, "launch_id": spec.launch_id,
+                     "config": spec.experiment_dict(), "workload_state": work.state()}
             folder = reporter.staging_dir(interval)
             save_checkpoint(folder, model=model, optimizer=optimizer, epoch=interval, ctx=ctx, extra=extra)
             # MLflow first: a scheduler or stopper may end the trial inside report()
@@ -292,8 +293,8 @@ def train_fn(loop_config: dict[str, Any]) -> dict[str, float]:
                 from raymoe.tracking.native import log_final_model
 
                 example, width = work.model_example()
-                log_final_model(loop_config["experiment"]["tracking"]["uri"], tracked.run_id,
-                                getattr(model, "module", model), example, width, loop_config["experiment"])
+                log_final_model(spec.tracking_uri, tracked.run_id, getattr(model, "module", model), example, width,
+                                spec.experiment_dict())
         tracked.finish()
         return last_metrics
     except TrainingDiverged as exc:

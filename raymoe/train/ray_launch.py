@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
-from raymoe.errors import ConfigError
 from raymoe.config.schema import ExperimentConfig
+from raymoe.errors import ConfigError
+from raymoe.train.run_spec import RunSpec
 
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
 SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -47,31 +48,37 @@ def worker_resources(cfg: ExperimentConfig) -> dict[str, float]:
     return resources
 
 
-def build_trainer(cfg: ExperimentConfig, loop_config: dict, *, callbacks: Sequence = ()):
-    """A TorchTrainer running train_fn(loop_config) on cfg.scaling.num_workers workers (at least 1).
+def _worker_loop(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: the worker function on the run's spec (Train passes one dict)."""
+    config["worker"](config["spec"])
+
+
+def build_trainer(spec: RunSpec, *, callbacks: Sequence = (), worker: Callable[[RunSpec], Any] | None = None):
+    """A TorchTrainer running `worker(spec)` (default train_fn) on scaling.num_workers workers (at least 1); the
+    workers see the spec launched by "ray_train", so the loop reports through Ray.
 
     Args:
-        cfg: the resolved experiment config (scaling.* and the run's storage).
-        loop_config: the dict from make_loop_config; must hold "run_name". "ray_train": True is added so the
-            loop reports through Ray.
+        spec: the run (its experiment's scaling.* and storage size the trainer).
         callbacks: Ray Train UserCallbacks (e.g. Tune's TuneReportCallback inside a trial).
+        worker: the function every worker runs (tests wrap train_fn, e.g. to make a rank fail).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raymoe.train.loop import train_fn
 
+    cfg = spec.experiment
     s = cfg.scaling
     run_config = ray.train.RunConfig(
-        name=loop_config["run_name"],
+        name=spec.run_name,
         storage_path=storage_uri(cfg),
         failure_config=ray.train.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         callbacks=list(callbacks),
     )
     return TorchTrainer(
-        train_fn,
-        train_loop_config={**loop_config, "ray_train": True},
+        _worker_loop,
+        train_loop_config={"spec": spec.launched_by("ray_train"), "worker": worker or train_fn},
         scaling_config=ray.train.ScalingConfig(num_workers=max(1, s.num_workers), use_gpu=s.use_gpu,
                                                resources_per_worker=worker_resources(cfg)),
         run_config=run_config,
@@ -79,7 +86,8 @@ def build_trainer(cfg: ExperimentConfig, loop_config: dict, *, callbacks: Sequen
     )
 
 
-def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None = None) -> dict:
+def run_on_ray(spec: RunSpec, *, address: str | None = None, worker: Callable[[RunSpec], Any] | None = None
+               ) -> dict:
     """Train on Ray workers and return the final metrics (rank 0's last report).
 
     Starts local Ray when no address/RAY_ADDRESS is given (and shuts it down afterwards), says whether the run
@@ -94,12 +102,13 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
 
     from raymoe.train.ray_session import ensure_ray
 
+    cfg = spec.experiment
     s = cfg.scaling
     workers = max(1, s.num_workers)
     per_worker = worker_resources(cfg)
     started = ensure_ray(address, num_cpus_needed=math.ceil(workers * per_worker["CPU"]),
                          num_gpus_needed=math.ceil(workers * per_worker.get("GPU", 0.0)))
-    name = loop_config["run_name"]
+    name = spec.run_name
     try:
         storage = storage_uri(cfg)
         try:
@@ -113,13 +122,13 @@ def run_on_ray(cfg: ExperimentConfig, loop_config: dict, *, address: str | None 
             print(f"raymoe: starting run {name} on {workers} Ray Train worker(s) (storage {where})", flush=True)
         else:
             print(f"raymoe: resuming run {name} from epoch {previous} (storage {where})", flush=True)
-        trainer = build_trainer(cfg, loop_config)
+        trainer = build_trainer(spec, worker=worker)
         try:
             result = trainer.fit()
             if result.error is not None:
                 raise result.error
         except TrainingFailedError as exc:
-            _mark_mlflow_failed(loop_config, f"Ray Train workers failed: {_last_error_line(str(exc))}")
+            _mark_mlflow_failed(spec, f"Ray Train workers failed: {_last_error_line(str(exc))}")
             config_error = config_error_in(exc)
             if config_error is not None:  # the same one line and exit 2 as in one process (docs/reliability.md)
                 raise config_error from None
@@ -157,20 +166,20 @@ def _last_error_line(text: str) -> str:
     return (errors[-1] if errors else lines[0] if lines else "unknown error")[:500]
 
 
-def _mark_mlflow_failed(loop_config: dict, reason: str) -> None:
+def _mark_mlflow_failed(spec: RunSpec, reason: str) -> None:
     """Mark the run's MLflow run FAILED from the driver: a killed rank-0 worker cannot do it itself, and rank 0
     may have finished cleanly while another rank failed."""
-    tracking = loop_config["experiment"]["tracking"]
-    if not tracking.get("enabled", True):
+    tracking = spec.experiment.tracking
+    if not tracking.enabled:
         return
     try:
         from mlflow.entities import RunStatus
 
         from raymoe.tracking.mlflow_run import FAILURE_TAG, client_for, find_runs
 
-        client = client_for(tracking["uri"])
-        experiment = client.get_experiment_by_name(tracking["experiment"])
-        runs = find_runs(client, experiment.experiment_id, loop_config["run_name"]) if experiment else []
+        client = client_for(tracking.uri)
+        experiment = client.get_experiment_by_name(tracking.experiment)
+        runs = find_runs(client, experiment.experiment_id, spec.run_name) if experiment else []
         for run in runs[:1]:  # rank 0 may have finished its part (FINISHED) while another rank failed for good
             if run.info.status != RunStatus.to_string(RunStatus.FAILED):
                 client.set_tag(run.info.run_id, FAILURE_TAG, reason)

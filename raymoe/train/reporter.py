@@ -2,10 +2,10 @@
 
 Both reporters give the same layout, `<root>/<run_name>/epoch_XXXX/` holding the files of
 raymoe.train.checkpoint, so load_checkpoint reads either. Under Ray the root is RunConfig.storage_path
-(Ray merges every rank's folder into one); locally it is loop_config["checkpoint_root"].
+(Ray merges every rank's folder into one); locally it is RunSpec.checkpoint_root.
 
 Usage in the training loop (every rank):
-    reporter = make_reporter(ctx, loop_config)
+    reporter = make_reporter(ctx, spec)
     start = reporter.latest_checkpoint()            # folder to resume from, or None
     ...
     folder = reporter.staging_dir(epoch)
@@ -24,6 +24,7 @@ from typing import Protocol
 
 from raymoe.parallel.context import DistContext
 from raymoe.train.checkpoint import is_complete
+from raymoe.train.run_spec import RunSpec
 
 KEEP_LAST = 2  # same as the Ray CheckpointConfig(num_to_keep=2) built in ray_launch
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
@@ -93,14 +94,10 @@ class _TempStaging:
 
 
 class RayReporter(_TempStaging):
-    """Ray Train worker: ray.train.report from every rank (a barrier); ranks that wrote files attach them.
+    """Ray Train worker: ray.train.report from every rank (a barrier); ranks that wrote files attach them."""
 
-    fail_after: test hook (loop_config["inject_failure"] = {"rank": r, "after_epoch": e}): rank r raises after
-    reporting any epoch >= e, so every restart fails again (exercises FailureConfig.max_failures).
-    """
-
-    def __init__(self, rank: int = 0, fail_after: dict | None = None):
-        self.rank, self.fail_after = rank, fail_after
+    def __init__(self, rank: int = 0):
+        self.rank = rank
 
     def latest_checkpoint(self) -> str | None:
         import ray.train
@@ -117,9 +114,6 @@ class RayReporter(_TempStaging):
         finally:
             if checkpoint_dir is not None and Path(checkpoint_dir).name.startswith("raymoe-epoch_"):
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)  # our staging copy; storage has it now
-        hook = self.fail_after
-        if hook and self.rank == hook.get("rank", 0) and epoch >= hook.get("after_epoch", 1):
-            raise RuntimeError(f"injected worker failure on rank {self.rank} after epoch {epoch} (test hook)")
 
 
 class TuneReporter(_TempStaging):
@@ -142,18 +136,13 @@ class TuneReporter(_TempStaging):
                 shutil.rmtree(checkpoint_dir, ignore_errors=True)  # Tune copied it to the trial's storage
 
 
-def make_reporter(ctx: DistContext, loop_config: dict) -> Reporter:
-    """Ray reporter inside a Ray Train worker (loop_config["ray_train"], set by build_trainer), Tune's inside a
-    trial that trains in its own process (loop_config["in_trial"]), else local folders.
-
-    Args:
-        ctx: where this rank sits (a local run is a single process).
-        loop_config: needs "run_name"; a local run also "checkpoint_root".
-    """
-    if loop_config.get("ray_train"):
-        return RayReporter(ctx.rank, loop_config.get("inject_failure"))
-    if loop_config.get("in_trial"):
+def make_reporter(ctx: DistContext, spec: RunSpec) -> Reporter:
+    """By spec.launcher: Ray's reporter inside a Ray Train worker (set by build_trainer), Tune's inside a trial
+    that trains in its own process, else local folders under spec.checkpoint_root / spec.run_name."""
+    if spec.launcher == "ray_train":
+        return RayReporter(ctx.rank)
+    if spec.launcher == "in_trial":
         return TuneReporter()
     if ctx.distributed:
         raise ValueError("a multi-process run outside Ray Train has no reporter; launch it through build_trainer")
-    return LocalReporter(Path(loop_config["checkpoint_root"]) / loop_config["run_name"])
+    return LocalReporter(Path(spec.checkpoint_root) / spec.run_name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,9 @@ from torch import nn
 
 from raymoe.config.schema import RegularizerConfig
 from raymoe.parallel.context import DistContext
+
+if TYPE_CHECKING:
+    from raymoe.metrics.accumulator import SpecializationAccumulator
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,14 +207,15 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, *, ctx: DistContext, num_experts: int, num_classes: int,
-             bn_eval: bool = True, keep_items: int = 0) -> tuple[dict[str, float], dict]:
+             bn_eval: bool = True, keep_items: int = 0) -> tuple[dict[str, float], SpecializationAccumulator]:
     """Specialization metrics over the whole evaluation set (counts summed over ranks).
 
     Args:
-        keep_items: also return, under matrices["first_top1"], each gate's top-1 expert of this rank's first
-            keep_items items (routing stability between evaluations).
+        keep_items: the accumulator also keeps each gate's top-1 expert of this rank's first keep_items items
+            (`.first_top1()`: routing stability between evaluations).
     Returns:
-        (metrics, matrices): `SpecializationAccumulator.compute()` plus "loss" (mean NLL), and `.matrices()`.
+        (metrics, accumulator): `SpecializationAccumulator.compute()` plus "loss" (mean NLL), and the reduced
+        accumulator (its `.matrices()` draw the figures).
     """
     from raymoe.metrics.accumulator import SpecializationAccumulator
 
@@ -227,8 +231,5 @@ def evaluate(model: nn.Module, batches: Iterable, *, ctx: DistContext, num_exper
     ctx.all_reduce_sum(nll)
     metrics = {k: float(v) for k, v in accumulator.compute().items()}
     metrics["loss"] = nll[0].item() / max(nll[1].item(), 1.0)
-    matrices = accumulator.matrices()
-    if keep_items:
-        matrices["first_top1"] = accumulator.first_top1()
-    return metrics, matrices
+    return metrics, accumulator
 

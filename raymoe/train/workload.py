@@ -99,14 +99,13 @@ class ImageWorkload:
     def evaluate(self, model: nn.Module, final: bool) -> tuple[dict[str, float], dict]:
         """Test-set metrics (the paper's protocol), val_error / val_loss when a validation split is held out,
         routing stability since the previous evaluation, and the matrices for the figures."""
-        test, matrices = self._evaluate(model, self.data.test, keep_items=STABILITY_ITEMS)
+        test, accumulator = self._evaluate(model, self.data.test, keep_items=STABILITY_ITEMS)
         val = self._evaluate(model, self.data.val)[0] if self.data.val is not None else None
         metrics = image_metric_names(test, val)
-        top1 = matrices.pop("first_top1", [])
-        metrics.update(self.stability.update(top1))
-        return metrics, matrices
+        metrics.update(self.stability.update(accumulator.first_top1()))
+        return metrics, accumulator.matrices()
 
-    def _evaluate(self, model: nn.Module, split, keep_items: int = 0) -> tuple[dict[str, float], dict]:
+    def _evaluate(self, model: nn.Module, split, keep_items: int = 0) -> tuple[dict[str, float], object]:
         from raymoe.data.batches import eval_batches
         from raymoe.train.step import evaluate
 

@@ -78,10 +78,11 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     """Tune function trainable: one training run of the sweep (see module docstring)."""
     import ray.tune
 
-    from raymoe.errors import ConfigError
     from raymoe.config.load import load_experiment
-    from raymoe.train.loop_config import make_loop_config
+    from raymoe.errors import ConfigError
     from raymoe.tracking import sweep_runs
+    from raymoe.train.loop import train_fn
+    from raymoe.train.run_spec import make_run_spec
 
     started = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -96,13 +97,13 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     except ConfigError as exc:  # an invalid sampled combination: this trial fails, the sweep goes on
         sweep_runs.record_failed_child(plan, run_name, tags, f"invalid config: {exc}", overrides)
         raise
-    loop_config = make_loop_config(cfg, run_name=run_name, parent_run_id=plan.parent_run_id, tags=tags,
-                                   checkpoint_root=str(Path(plan.storage_path) / "local"))
+    spec = make_run_spec(cfg, run_name=run_name, parent_run_id=plan.parent_run_id, tags=tags,
+                         checkpoint_root=str(Path(plan.storage_path) / "local"))
     try:
         if plan.in_trial:
-            _fit_in_trial(loop_config)
+            train_fn(spec.launched_by("in_trial"))
         else:
-            _fit(cfg, loop_config)
+            _fit(spec)
     except Exception as exc:  # not SystemExit: that is Tune stopping the trial (ASHA), reconciled by the driver
         # train_fn marks its own run FAILED; this covers failures before it opened one (data, workers, OOM kill)
         sweep_runs.record_failed_child(plan, run_name, tags, f"{type(exc).__name__}: {exc}", overrides)
@@ -111,18 +112,12 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
         _write_timing(plan, trial_id, run_name, started)
 
 
-def _fit_in_trial(loop_config: dict[str, Any]) -> None:
-    from raymoe.train.loop import train_fn
-
-    train_fn({**loop_config, "in_trial": True})
-
-
-def _fit(cfg, loop_config: dict[str, Any]) -> None:
+def _fit(spec) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raymoe.train.ray_launch import build_trainer
 
-    trainer = build_trainer(cfg, loop_config, callbacks=[TuneReportCallback()])
+    trainer = build_trainer(spec, callbacks=[TuneReportCallback()])
     result = trainer.fit()
     if getattr(result, "error", None) is not None:
         raise result.error
