@@ -322,11 +322,15 @@ def test_every_metric_a_sweep_may_name_is_one_the_training_loop_reports():
                                          "gpt": {"dim": 8, "depth": 2, "heads": 2, "mlp_dim": 8, "block_size": 8}},
                                "gate": {"kind": "topk", "top_k": 2}, "train": {"max_steps": 1}})
     idx, targets = torch.randint(0, 20, (3, 8)), torch.randint(0, 20, (3, 8))
-    acc = LanguageModelAccumulator(20, 8)
+    acc = LanguageModelAccumulator(20, 8, keep_items=16)
     with torch.no_grad():
         acc.update(build_model(cfg, 20, 0, 0)(idx), idx, targets)
     val = acc.compute(bytes_per_token=1.0)
-    reported = epoch_metrics(result, lm_metric_names(val, val), eval_seconds=0.1)
+    lm_stability = RoutingStability(per_layer=True)
+    lm_stability.update(acc.first_top1())
+    lm_routing = lm_stability.update(acc.first_top1())  # the same routing twice: no churn
+    assert lm_routing["layer0/routing_churn"] == 0.0 and lm_routing["routing_ami"] == pytest.approx(1.0)
+    reported = epoch_metrics(result, {**lm_metric_names(val, val), **lm_routing}, eval_seconds=0.1)
     expected = set(LOOP_METRICS) - set(IMAGE_ONLY)
     assert expected <= set(reported), sorted(expected - set(reported))
 

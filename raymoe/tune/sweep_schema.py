@@ -22,11 +22,10 @@ LOOP_METRICS = (
     # language models (model.arch gpt / gpt_moe)
     "val_loss", "val_perplexity", "val_bits_per_byte", "val_error", "test_perplexity", "test_bits_per_byte",
     "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits", "dead_expert_frac", "targets_per_s",
-    # routing (docs/observatory.md): image MoE and ViT-MoE
+    # routing (docs/observatory.md): every MoE (max_load_share at the top level for the image models only)
     "max_load_share", "routing_churn", "routing_ami",
 )
-IMAGE_ONLY = ("test_error", "top5_error", "mi_pred_bits", "mi_true_bits", "importance_cv", "max_load_share",
-              "routing_churn", "routing_ami")
+IMAGE_ONLY = ("test_error", "top5_error", "mi_pred_bits", "mi_true_bits", "importance_cv", "max_load_share")
 # Per-gate keys that token-level models also report per MoE layer as "layer{i}/<key>" (raymoe/metrics/).
 PER_LAYER = ("mi_true_bits", "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv", "router_z",
              "dropped_frac", "max_load_share", "dead_expert_frac", "routing_churn", "routing_ami",
