@@ -16,26 +16,26 @@ IDX_FILES = {
 }
 
 
-def write_idx_images(path: Path, images_NHW: np.ndarray) -> None:
+def write_idx_images(path: Path, images_BSS: np.ndarray) -> None:
     """IDX3: magic 0x00000803, count, rows, cols (big-endian int32), then uint8 pixels; gzip'd."""
-    n, h, w = images_NHW.shape
+    n, h, w = images_BSS.shape
     with gzip.open(path, "wb") as f:
         f.write(struct.pack(">IIII", 0x803, n, h, w))
-        f.write(np.ascontiguousarray(images_NHW, dtype=np.uint8).tobytes())
+        f.write(np.ascontiguousarray(images_BSS, dtype=np.uint8).tobytes())
 
 
-def write_idx_labels(path: Path, labels_N: np.ndarray) -> None:
+def write_idx_labels(path: Path, labels_B: np.ndarray) -> None:
     """IDX1: magic 0x00000801, count, then uint8 labels; gzip'd."""
     with gzip.open(path, "wb") as f:
-        f.write(struct.pack(">II", 0x801, len(labels_N)))
-        f.write(np.asarray(labels_N, dtype=np.uint8).tobytes())
+        f.write(struct.pack(">II", 0x801, len(labels_B)))
+        f.write(np.asarray(labels_B, dtype=np.uint8).tobytes())
 
 
-def learnable_images(labels_N: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def learnable_images(labels_B: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """28x28 noise with a bright bar whose row depends on the class: easy to learn in one or two epochs."""
-    n = len(labels_N)
+    n = len(labels_B)
     images = rng.integers(0, 60, size=(n, 28, 28))
-    for i, c in enumerate(labels_N):
+    for i, c in enumerate(labels_B):
         row = 3 + 2 * int(c)
         images[i, row:row + 2, 4:24] = 255
     return images.astype(np.uint8)

@@ -140,12 +140,12 @@ def test_text_exemplars_pick_each_experts_highest_weighted_tokens_in_context():
             return ModelOutput(log_probs_BC=torch.zeros(idx_BT.numel(), 256), gates=[gate])
 
     tok = ByteTokenizer()
-    x_WT = torch.tensor(tok.encode_documents(["ab|cd\nefgh|ijklm"])).view(2, 8)  # two windows of 8 bytes
-    (found,) = top_tokens(PipeLover(), x_WT, batch_size=1, per_expert=2)
-    assert sorted(found["indices_EK"][1].tolist()) == [2, 10] and found["weights_EK"][1].tolist() == pytest.approx(
+    x_BT = torch.tensor(tok.encode_documents(["ab|cd\nefgh|ijklm"])).view(2, 8)  # two windows of 8 bytes
+    (found,) = top_tokens(PipeLover(), x_BT, batch_size=1, per_expert=2)
+    assert sorted(found["indices_EN"][1].tolist()) == [2, 10] and found["weights_EN"][1].tolist() == pytest.approx(
         [0.9, 0.9])
     assert found["counts_EV"][1].sum() == 2 and found["counts_EV"][0, ord("a")] == 1
-    text = exemplar_markdown(x_WT, [found], tok)
+    text = exemplar_markdown(x_BT, [found], tok)
     # the context stays inside the token's own window; Markdown specials and line breaks are shown, not interpreted
     assert "| 1 | 0.900 | ab**\\|**cd⏎e |" in text and "| 1 | 0.900 | gh**\\|**ijkl |" in text
     assert "| 1 | 0.125 | ⟨\\|⟩ (2, 100%) |" in text  # 2 of 16 tokens, every '|' of the text

@@ -324,14 +324,14 @@ def test_augmentation_equals_per_pixel_reference():
     got = apply_augment(x, params, padding=4)
     expected = torch.empty_like(x)
     for n in range(16):
-        img = x[n].flip(-1) if params.flip_N[n] else x[n]
-        top, left = int(params.top_N[n]), int(params.left_N[n])
+        img = x[n].flip(-1) if params.flip_B[n] else x[n]
+        top, left = int(params.top_B[n]), int(params.left_B[n])
         for i in range(8):
             for j in range(8):  # padded coordinate (top + i, left + j) -> source pixel by reflection about the edge
                 expected[n, :, i, j] = img[:, _reflect(top + i - 4, 8), _reflect(left + j - 4, 8)]
     assert torch.equal(got, expected)
-    assert params.flip_N.any() and not params.flip_N.all()
-    assert 0 <= int(params.top_N.min()) and int(params.top_N.max()) <= 8
+    assert params.flip_B.any() and not params.flip_B.all()
+    assert 0 <= int(params.top_B.min()) and int(params.top_B.max()) <= 8
 
 
 def test_train_batches_augment_with_the_documented_draws():

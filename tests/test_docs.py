@@ -204,7 +204,7 @@ def test_shapes_md_defines_every_suffix_letter():
 
 
 def _renames() -> list[tuple[str, str, str]]:
-    table = _section((DOCS / "shapes.md").read_text(encoding="utf-8"), "Renames needed to comply")
+    table = _section((DOCS / "shapes.md").read_text(encoding="utf-8"), "Renames applied")
     rows = re.findall(r"^\| (\S+) \| `([\w]+)` \| `([\w]+)` \|", table, re.M)
     assert rows, "no rename rows parsed"
     return rows
@@ -216,7 +216,6 @@ def test_rename_table_names_real_files():
         assert (ROOT / rel).parent.is_dir(), rel
 
 
-@pytest.mark.xfail(strict=False, reason="the shape-letter renames of docs/shapes.md are not applied yet")
 def test_shape_renames_applied():
     left = [f"{rel}: {old} -> {new}" for rel, old, new in _renames()
             if (ROOT / rel).is_file() and re.search(rf"\b{old}\b", (ROOT / rel).read_text(encoding="utf-8"))]

@@ -44,8 +44,8 @@ def _naive_per_token(hm: HyperMoE, x_ND: torch.Tensor, experts_NK: torch.Tensor,
         unselected = [j for j in range(hm.num_experts) if j not in chosen]
         s = hm.expert_embed.weight[unselected].sum(0, keepdim=True)
         w = hm.hypernet(hm.embedding_process(s), layer)
-        h = F.relu(x_ND[n:n + 1] @ w.w_down_UDB[0] + w.b_down_UB[0])
-        outs.append(h @ w.w_up_UBD[0] + w.b_up_UD[0])
+        h = F.relu(x_ND[n:n + 1] @ w.w_down_UDA[0] + w.b_down_UA[0])
+        outs.append(h @ w.w_up_UAD[0] + w.b_up_UD[0])
     return torch.cat(outs)
 
 

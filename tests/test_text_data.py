@@ -258,12 +258,12 @@ def test_windows_are_shifted_by_one_inside_the_split_and_seeded(device):
 
 def test_eval_windows_are_fixed_evenly_spread_and_never_score_a_token_twice():
     tokens_N = torch.arange(1000, dtype=torch.int32)
-    x_WT, y_WT = eval_windows(tokens_N, 16, max_tokens=320)
-    assert x_WT.shape == (20, 16) and torch.equal(y_WT, x_WT + 1)
-    targets = y_WT.flatten()
+    x_BT, y_BT = eval_windows(tokens_N, 16, max_tokens=320)
+    assert x_BT.shape == (20, 16) and torch.equal(y_BT, x_BT + 1)
+    targets = y_BT.flatten()
     assert targets.unique().numel() == targets.numel() and int(targets.max()) <= 999
-    assert int(x_WT[0, 0]) == 0 and int(y_WT[-1, -1]) == 999  # spread over the whole split
-    assert torch.equal(eval_windows(tokens_N, 16, 320)[0], x_WT)
+    assert int(x_BT[0, 0]) == 0 and int(y_BT[-1, -1]) == 999  # spread over the whole split
+    assert torch.equal(eval_windows(tokens_N, 16, 320)[0], x_BT)
     whole_x, _ = eval_windows(tokens_N, 16)
     assert whole_x.shape[0] == 999 // 16
 

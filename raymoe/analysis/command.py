@@ -83,11 +83,11 @@ def _test_batches(cfg) -> tuple[list, str, tuple | None]:
 
         data = load_text_dataset(cfg.data, cpu)
         split = "test" if data.test is not None else "val"
-        x_WT, y_WT = (eval_windows(data.test, data.block_size, cfg.data.text.val_tokens) if data.test is not None
+        x_BT, y_BT = (eval_windows(data.test, data.block_size, cfg.data.text.val_tokens) if data.test is not None
                       else (data.val_x, data.val_y))
         size = cfg.train.eval_batch_size
-        batches = list(zip(torch.split(x_WT, size), torch.split(y_WT, size)))
-        described = f"{y_WT.numel()} {split} tokens; error = next-token error, loss = NLL per token"
+        batches = list(zip(torch.split(x_BT, size), torch.split(y_BT, size)))
+        described = f"{y_BT.numel()} {split} tokens; error = next-token error, loss = NLL per token"
         return batches, described, (data.vocab_size, 0, 0)
     from raymoe.data.batches import eval_batches
     from raymoe.data.datasets import load_dataset

@@ -20,11 +20,11 @@ from raymoe.models.moe import ExpectationMoE
 
 
 @torch.no_grad()
-def expert_probs_and_gate(model: ExpectationMoE, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def expert_probs_and_gate(model: ExpectationMoE, x_BZSS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(probs_EBC of every expert, gate probs_BE) of the paper MoE on a batch (dense: every expert runs)."""
-    b, e, c = x_BCHW.shape[0], model.num_experts, model.num_classes
-    y_EBY = model.experts.forward_dense(x_BCHW).view(e, b, -1)
-    gate = model.gate(x_BCHW, y_EBY[..., c:].transpose(0, 1)) if model.gate.needs_expert_hidden else model.gate(x_BCHW)
+    b, e, c = x_BZSS.shape[0], model.num_experts, model.num_classes
+    y_EBY = model.experts.forward_dense(x_BZSS).view(e, b, -1)
+    gate = model.gate(x_BZSS, y_EBY[..., c:].transpose(0, 1)) if model.gate.needs_expert_hidden else model.gate(x_BZSS)
     return y_EBY[..., :c], gate.probs_NE
 
 
@@ -52,8 +52,8 @@ def counterfactual_table(model: ExpectationMoE, batches, seed: int = 0,
         routings.append("early gate")
     totals = {name: [0.0, 0.0] for name in routings}
     n = 0
-    for x_BCHW, y_B in batches:
-        probs_EBC, gate_BE = expert_probs_and_gate(model, x_BCHW)
+    for x_BZSS, y_B in batches:
+        probs_EBC, gate_BE = expert_probs_and_gate(model, x_BZSS)
         e, b, _ = probs_EBC.shape
         rows = torch.arange(b)
         top1_B = gate_BE.argmax(-1)
@@ -65,7 +65,7 @@ def counterfactual_table(model: ExpectationMoE, batches, seed: int = 0,
             "load-matched random": probs_EBC[load_matched(top1_B, generator), rows],
         }
         if early is not None:
-            mixtures["early gate"] = torch.einsum("be,ebc->bc", expert_probs_and_gate(early, x_BCHW)[1], probs_EBC)
+            mixtures["early gate"] = torch.einsum("be,ebc->bc", expert_probs_and_gate(early, x_BZSS)[1], probs_EBC)
         for name in routings:
             err, nll = _scores(mixtures[name], y_B, model.log_eps)
             totals[name][0] += err

@@ -47,9 +47,9 @@ def normalize(x_u8: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...
               device: torch.device) -> torch.Tensor:
     """(x / 255 - mean) / std per channel in float32, computed on `device` (uint8 travels, 4x less to copy)."""
     x = x_u8.to(device).to(torch.float32).div_(255.0)
-    mean_C = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    std_C = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-    return x.sub_(mean_C).div_(std_C)
+    mean_Z = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    std_Z = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return x.sub_(mean_Z).div_(std_Z)
 
 
 VAL_SPLIT_SEED = 20230101  # one draw for every run and seed: runs are compared on the same validation images

@@ -13,8 +13,8 @@ and autograd through a_c gives the gradients of training-mode BatchNorm. Running
 nn.BatchNorm2d does (unbiased variance, momentum). Only a plain nn.BatchNorm2d is folded: a replacement such as
 GlobalBatchNorm (data parallel) keeps its own statistics, so callers use the ordinary path for it.
 
-Shape legend: B images, S side, S' = S + 2 pad - 2 output side, P = S'^2 positions, O output channels,
-M = B*P patch rows, K = 9 kernel offsets (10 with a row of ones).
+Shape legend: B images, S side, S' = S + 2 pad - 2 output side, O output channels, N = B*S'^2 patch rows,
+J = 9 kernel offsets (10 with a row of ones).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from torch import nn
 from raymoe.kernels.onednn_gemm import mm_nt
 
 
-def patches_KM(x_B1SS: torch.Tensor, padding: int, shift: torch.Tensor | None = None,
+def patches_JN(x_B1SS: torch.Tensor, padding: int, shift: torch.Tensor | None = None,
                ones_row: bool = False) -> tuple[torch.Tensor, int]:
     """The 3x3 patches of a one-channel image batch as a (9, B*S'*S') matrix (kernel-offset-major: each row
     is one shifted copy of the images, a fast contiguous copy), and S'. `shift` is subtracted after the zero
@@ -37,42 +37,42 @@ def patches_KM(x_B1SS: torch.Tensor, padding: int, shift: torch.Tensor | None = 
     xs = xs.contiguous()
     b, h, w = xs.shape
     side = h - 2
-    cols_KM = xs.new_empty((10 if ones_row else 9, b * side * side))
+    cols_JN = xs.new_empty((10 if ones_row else 9, b * side * side))
     # all 9 shifted copies as one strided view, copied in one kernel (35% faster than stacking 9 slices)
     shifted = xs.as_strided((3, 3, b, side, side), (w, 1, h * w, w, 1))
-    cols_KM[:9].view(3, 3, b, side, side).copy_(shifted)
+    cols_JN[:9].view(3, 3, b, side, side).copy_(shifted)
     if ones_row:
-        cols_KM[9].fill_(1.0)
-    return cols_KM, side
+        cols_JN[9].fill_(1.0)
+    return cols_JN, side
 
 
 class _PatchGemm(torch.autograd.Function):
     """y = patches^T w^T (+ bias) for patches without gradient; the filters' gradient by oneDNN (onednn_gemm.py)."""
 
     @staticmethod
-    def forward(fn_ctx, cols_KM: torch.Tensor, w_OK: torch.Tensor, bias_O: torch.Tensor | None) -> torch.Tensor:
-        fn_ctx.save_for_backward(cols_KM)
+    def forward(fn_ctx, cols_JN: torch.Tensor, w_OJ: torch.Tensor, bias_O: torch.Tensor | None) -> torch.Tensor:
+        fn_ctx.save_for_backward(cols_JN)
         fn_ctx.has_bias = bias_O is not None
-        return cols_KM.t() @ w_OK.t() if bias_O is None else torch.addmm(bias_O, cols_KM.t(), w_OK.t())
+        return cols_JN.t() @ w_OJ.t() if bias_O is None else torch.addmm(bias_O, cols_JN.t(), w_OJ.t())
 
     @staticmethod
-    def backward(fn_ctx, dy_MO: torch.Tensor):
-        (cols_KM,) = fn_ctx.saved_tensors
-        dy_MO = dy_MO.to(cols_KM.dtype)  # under bf16 autocast the output (so its gradient) is bf16
+    def backward(fn_ctx, dy_NO: torch.Tensor):
+        (cols_JN,) = fn_ctx.saved_tensors
+        dy_NO = dy_NO.to(cols_JN.dtype)  # under bf16 autocast the output (so its gradient) is bf16
         # (cols dy)^T, inner dim M = B*P: with the row-major patches as oneDNN's source, 7x faster than dy^T cols^T
-        dw_OK = mm_nt(cols_KM, dy_MO.t()).t() if fn_ctx.needs_input_grad[1] else None
-        db_O = dy_MO.sum(0) if fn_ctx.has_bias and fn_ctx.needs_input_grad[2] else None
-        return None, dw_OK, db_O
+        dw_OJ = mm_nt(cols_JN, dy_NO.t()).t() if fn_ctx.needs_input_grad[1] else None
+        db_O = dy_NO.sum(0) if fn_ctx.has_bias and fn_ctx.needs_input_grad[2] else None
+        return None, dw_OJ, db_O
 
 
-def patch_gemm(cols_KM: torch.Tensor, w_OK: torch.Tensor, bias_O: torch.Tensor | None = None) -> torch.Tensor:
-    """(M, O) = cols_KM^T w_OK^T + bias_O: the conv over the patches (cols_KM must not need a gradient)."""
-    return _PatchGemm.apply(cols_KM, w_OK, bias_O)
+def patch_gemm(cols_JN: torch.Tensor, w_OJ: torch.Tensor, bias_O: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, O) = cols_JN^T w_OJ^T + bias_O: the conv over the patches (cols_JN must not need a gradient)."""
+    return _PatchGemm.apply(cols_JN, w_OJ, bias_O)
 
 
-def _nchw_view(y_MO: torch.Tensor, b: int, side: int) -> torch.Tensor:
+def _nchw_view(y_NO: torch.Tensor, b: int, side: int) -> torch.Tensor:
     """(B*S'*S', O) rows -> logical (B, O, S', S') with channels-last strides (no copy)."""
-    return y_MO.view(b, side, side, -1).permute(0, 3, 1, 2)
+    return y_NO.view(b, side, side, -1).permute(0, 3, 1, 2)
 
 
 def conv1ch(x_B1SS: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -80,45 +80,45 @@ def conv1ch(x_B1SS: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     return conv1ch_weights(x_B1SS, conv.weight.reshape(conv.out_channels, 9), conv.bias, conv.padding[0])
 
 
-def conv1ch_weights(x_B1SS: torch.Tensor, w_OK: torch.Tensor, bias_O: torch.Tensor | None,
+def conv1ch_weights(x_B1SS: torch.Tensor, w_OJ: torch.Tensor, bias_O: torch.Tensor | None,
                     padding: int) -> torch.Tensor:
-    """A 3x3 conv of one-channel images with filters w_OK (O, 9) as one GEMM, channels-last output."""
-    cols_KM, side = patches_KM(x_B1SS, padding)
-    return _nchw_view(patch_gemm(cols_KM, w_OK, bias_O), x_B1SS.shape[0], side)
+    """A 3x3 conv of one-channel images with filters w_OJ (O, 9) as one GEMM, channels-last output."""
+    cols_JN, side = patches_JN(x_B1SS, padding)
+    return _nchw_view(patch_gemm(cols_JN, w_OJ, bias_O), x_B1SS.shape[0], side)
 
 
 def conv1ch_bn(x_B1SS: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch.Tensor:
     """bn(conv(x)) for a one-channel 3x3 conv, BatchNorm folded into the GEMM (module docstring)."""
-    w_OK = conv.weight.reshape(conv.out_channels, 9)
-    bias_O = conv.bias if conv.bias is not None else w_OK.new_zeros(conv.out_channels)
+    w_OJ = conv.weight.reshape(conv.out_channels, 9)
+    bias_O = conv.bias if conv.bias is not None else w_OJ.new_zeros(conv.out_channels)
     gamma = bn.weight if bn.affine else torch.ones_like(bias_O)
     beta = bn.bias if bn.affine else torch.zeros_like(bias_O)
     if not (bn.training or not bn.track_running_stats):  # running statistics: a plain folded conv
         scale_O = gamma * torch.rsqrt(bn.running_var + bn.eps)
-        return conv1ch_weights(x_B1SS, w_OK * scale_O[:, None], beta + scale_O * (bias_O - bn.running_mean),
+        return conv1ch_weights(x_B1SS, w_OJ * scale_O[:, None], beta + scale_O * (bias_O - bn.running_mean),
                                conv.padding[0])
     # Batch statistics are shift-invariant, so the patches of x - mean(x) give the same output; that keeps the
     # one-pass second moments below (sum of x x^T) well conditioned. Row 9 of the patches is ones: one GEMM gives
     # the sums, the second moments and the count.
     shift = x_B1SS.mean()
-    cols_KM, side = patches_KM(x_B1SS, conv.padding[0], shift=shift, ones_row=True)
+    cols_JN, side = patches_JN(x_B1SS, conv.padding[0], shift=shift, ones_row=True)
     with torch.no_grad():
-        gram = mm_nt(cols_KM, cols_KM)
+        gram = mm_nt(cols_JN, cols_JN)
         m = gram[9, 9]
-        mean_K = gram[:9, 9] / m
-        cov_KK = gram[:9, :9] / m - mean_K[:, None] * mean_K[None, :]
-    mean_O = w_OK @ mean_K + bias_O  # batch mean of conv(x - shift)
-    var_O = ((w_OK @ cov_KK) * w_OK).sum(1)
+        mean_J = gram[:9, 9] / m
+        cov_JJ = gram[:9, :9] / m - mean_J[:, None] * mean_J[None, :]
+    mean_O = w_OJ @ mean_J + bias_O  # batch mean of conv(x - shift)
+    var_O = ((w_OJ @ cov_JJ) * w_OJ).sum(1)
     if bn.training and bn.track_running_stats:
         with torch.no_grad():
             bn.num_batches_tracked.add_(1)
             momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1 - momentum).add_(momentum * (mean_O + shift * w_OK.sum(1)))  # of conv(x)
+            bn.running_mean.mul_(1 - momentum).add_(momentum * (mean_O + shift * w_OJ.sum(1)))  # of conv(x)
             bn.running_var.mul_(1 - momentum).add_(momentum * var_O * (m / (m - 1).clamp_min(1)))
     scale_O = gamma * torch.rsqrt(var_O + bn.eps)
     # the conv bias cancels (its gradient is exactly 0, as BatchNorm makes it) but stays in the graph
-    w_aug_OK1 = torch.cat([w_OK * scale_O[:, None], (beta + scale_O * (bias_O - mean_O))[:, None]], dim=1)
-    return _nchw_view(patch_gemm(cols_KM, w_aug_OK1), x_B1SS.shape[0], side)
+    w_aug_OJ1 = torch.cat([w_OJ * scale_O[:, None], (beta + scale_O * (bias_O - mean_O))[:, None]], dim=1)
+    return _nchw_view(patch_gemm(cols_JN, w_aug_OJ1), x_B1SS.shape[0], side)
 
 
 def first_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:

@@ -8,7 +8,7 @@ sums differ from MKL's only in rounding order). Products with a huge inner dimen
 
 The op is torch.ops.mkldnn._linear_pointwise(x, w, b) = x w^T + b, the fused linear torch's CPU compiler
 emits; any strides are accepted, so the backward GEMMs pass transposed views without copies.
-Shape legend: N rows, I in features, O out features, M the long inner dim, R/C small outer dims.
+Shape legend: N rows, I in features, O out features; mm_nt(a, b) is (rows, inner) x (cols, inner) -> (rows, cols).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ def uses_onednn(t: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
 
 
-def mm_nt(a_RM: torch.Tensor, b_CM: torch.Tensor) -> torch.Tensor:
+def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b^T -> (R, C), by oneDNN on CPU (no autograd: for gradients and no-grad statistics)."""
-    if uses_onednn(a_RM) and b_CM.dtype == a_RM.dtype and a_RM.shape[1] > 0:  # oneDNN refuses an empty inner dim
-        return _OP(a_RM, b_CM, None, "none", [], "")
-    return a_RM @ b_CM.t()
+    if uses_onednn(a) and b.dtype == a.dtype and a.shape[1] > 0:  # oneDNN refuses an empty inner dim
+        return _OP(a, b, None, "none", [], "")
+    return a @ b.t()
 
 
 class _Linear(torch.autograd.Function):

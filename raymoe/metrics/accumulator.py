@@ -13,7 +13,7 @@ MoE layer: usage_entropy_bits, mi_true_bits (token t of image b labelled y_b), m
 model's predicted class, as no single expert predicts), sample_entropy_bits (per token), importance_cv,
 dropped_frac, router_z (mean logsumexp^2); the top-level keys are the means over layers.
 The single model (no gate) gets error and top5_error only.
-Shape legend: B samples, N routed items, E experts, C classes, L MoE layers.
+Shape legend: B samples, N routed items, E experts, C classes.
 """
 
 from __future__ import annotations

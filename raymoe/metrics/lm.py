@@ -7,7 +7,7 @@ dropped_frac, load share per expert (routed pairs, not gate mass), router_z, and
 paper's I(E;Y) (docs/paper-notes.md §4.2) with E = each token's top-1 expert: mi_current_token_bits (the token at
 that position), mi_next_token_bits (the token it must predict), mi_position_bits (position bucket of
 POSITION_BUCKETS equal slices of the context). Top-level keys are means over layers.
-Shape legend: B sequences, T positions, N = B*T routed tokens, E experts, V vocabulary, P position buckets.
+Shape legend: B sequences, T positions, N = B*T routed tokens, E experts, V vocabulary, t position buckets.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ class _LayerSums:
         self.load_E = torch.zeros(num_experts, **f64)
         self.cur_EV = torch.zeros(num_experts, vocab, **f64)
         self.next_EV = torch.zeros(num_experts, vocab, **f64)
-        self.pos_EP = torch.zeros(num_experts, POSITION_BUCKETS, **f64)
+        self.pos_Et = torch.zeros(num_experts, POSITION_BUCKETS, **f64)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.scalars, self.probs_E, self.load_E, self.cur_EV, self.next_EV, self.pos_EP]
+        return [self.scalars, self.probs_E, self.load_E, self.cur_EV, self.next_EV, self.pos_Et]
 
     def update(self, gate, stats: dict | None, cur_N: torch.Tensor, next_N: torch.Tensor, pos_N: torch.Tensor):
         e, v = self.cur_EV.shape
@@ -58,7 +58,7 @@ class _LayerSums:
         self.cur_EV += torch.bincount(top1_N * v + cur_N, minlength=e * v).view(e, v).double()
         self.next_EV += torch.bincount(top1_N * v + next_N, minlength=e * v).view(e, v).double()
         p = POSITION_BUCKETS
-        self.pos_EP += torch.bincount(top1_N * p + pos_N, minlength=e * p).view(e, p).double()
+        self.pos_Et += torch.bincount(top1_N * p + pos_N, minlength=e * p).view(e, p).double()
         if self.kept < self.keep_items:
             self.first_top1.append(top1_N[:self.keep_items - self.kept].cpu())
             self.kept += self.first_top1[-1].numel()
@@ -71,7 +71,7 @@ class _LayerSums:
                "router_z": z / tokens if tokens else math.nan,
                "mi_current_token_bits": mutual_information_bits(self.cur_EV.cpu()),
                "mi_next_token_bits": mutual_information_bits(self.next_EV.cpu()),
-               "mi_position_bits": mutual_information_bits(self.pos_EP.cpu())}
+               "mi_position_bits": mutual_information_bits(self.pos_Et.cpu())}
         if has:
             out["dropped_frac"] = dropped / has
         if load.sum() > 0:

@@ -45,7 +45,7 @@ def build_lm(cfg: ExperimentConfig, vocab_size: int) -> nn.Module:
 
 
 def build_model(cfg: ExperimentConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """The model of cfg.model.arch; forward(x_BCHW) -> ModelOutput (language models: forward(idx_BT)).
+    """The model of cfg.model.arch; forward(x_BZSS) -> ModelOutput (language models: forward(idx_BT)).
 
     Args:
         cfg: the experiment config.

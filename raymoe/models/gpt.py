@@ -13,7 +13,7 @@ and capacity dropping rank tokens against the whole batch, and are refused (Conf
 Init as nanoGPT: N(0, 0.02) weights, zero biases, residual output projections N(0, 0.02 / sqrt(2 * depth));
 TokenMoE layers and the shared HyperNetwork keep their own init.
 
-Shape legend: B sequences, T positions, D model dim, H heads, d head dim, V vocabulary (embedding rows).
+Shape legend: B sequences, T positions, D model dim, h heads, d head width, V vocabulary (embedding rows).
 """
 
 from __future__ import annotations
@@ -49,13 +49,13 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         b, t, d = x_BTD.shape
-        q_BHTd, k_BHTd, v_BHTd = self.qkv(x_BTD).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q_BhTd, k_BhTd, v_BhTd = self.qkv(x_BTD).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         rotary = self._rotary[0]
         if rotary is not None:
-            q_BHTd, k_BHTd = rotary(q_BHTd), rotary(k_BHTd)
-        out_BHTd = F.scaled_dot_product_attention(q_BHTd, k_BHTd, v_BHTd, is_causal=True,
+            q_BhTd, k_BhTd = rotary(q_BhTd), rotary(k_BhTd)
+        out_BhTd = F.scaled_dot_product_attention(q_BhTd, k_BhTd, v_BhTd, is_causal=True,
                                                   dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(out_BHTd.transpose(1, 2).reshape(b, t, d))
+        return self.proj(out_BhTd.transpose(1, 2).reshape(b, t, d))
 
 
 class GPTBlock(nn.Module):

@@ -11,7 +11,7 @@ it and combine returns expert-major (expert, sample) rows. The attentive gate re
 layer, so the experts run before it (docs/paper-notes.md §2).
 Sparse gates (topk, noisy_topk) run first; only each sample's k chosen experts run, y_hat = sum_k w_k f_k(x).
 
-Shape legend: B samples, E experts, K experts per sample, P pairs, K' classes (written C), H expert hidden width,
+Shape legend: B samples, E experts, K experts per sample, P pairs, C classes, H expert hidden width,
 Y = C + H expert output row (class probabilities, then hidden).
 """
 
@@ -26,7 +26,7 @@ from raymoe.moe.dispatch import LocalDispatcher
 
 
 class ExpectationMoE(nn.Module):
-    """Gate + stacked experts; forward(x_BCHW) -> ModelOutput with one GateResult (N = B)."""
+    """Gate + stacked experts; forward(x_BZSS) -> ModelOutput with one GateResult (N = B)."""
 
     def __init__(self, experts: ExpertStack, gate: nn.Module, num_classes: int, log_eps: float = 1e-7,
                  output_softmax: bool = False):
@@ -41,24 +41,24 @@ class ExpectationMoE(nn.Module):
         x_RX, counts, meta = self.dispatcher.dispatch(x_PX, experts_P)
         return self.dispatcher.combine(self.experts.forward_grouped(x_RX, counts), meta)
 
-    def forward(self, x_BCHW: torch.Tensor) -> ModelOutput:
-        b, e, c = x_BCHW.shape[0], self.num_experts, self.num_classes
+    def forward(self, x_BZSS: torch.Tensor) -> ModelOutput:
+        b, e, c = x_BZSS.shape[0], self.num_experts, self.num_classes
         if self.gate.dense:  # every expert on every image, sent once (no pair rows): expert-major (e, b) pairs
-            x_GX, _, meta = self.dispatcher.dispatch(x_BCHW, None)
+            x_GX, _, meta = self.dispatcher.dispatch(x_BZSS, None)
             y_EBY = self.dispatcher.combine(self.experts.forward_dense(x_GX), meta).view(e, b, -1)
             probs_EBC = y_EBY[..., :c]
             if self.gate.needs_expert_hidden:
-                gate = self.gate(x_BCHW, y_EBY[..., c:].transpose(0, 1))
+                gate = self.gate(x_BZSS, y_EBY[..., c:].transpose(0, 1))
             else:
-                gate = self.gate(x_BCHW)
+                gate = self.gate(x_BZSS)
             mixture_BC = torch.einsum("be,ebc->bc", gate.probs_NE, probs_EBC)
             with torch.no_grad():  # class predicted by each sample's argmax-gate expert (the paper's I(E;Y))
-                selected_pred_B = probs_EBC[gate.top1_N, torch.arange(b, device=x_BCHW.device)].argmax(-1)
+                selected_pred_B = probs_EBC[gate.top1_N, torch.arange(b, device=x_BZSS.device)].argmax(-1)
         else:
-            gate = self.gate(x_BCHW)
+            gate = self.gate(x_BZSS)
             k = gate.experts_NK.shape[1]
-            item_P = torch.arange(b, device=x_BCHW.device).repeat_interleave(k)  # sample-major pairs
-            y_BKY = self.run_experts(x_BCHW[item_P], gate.experts_NK.reshape(-1)).view(b, k, -1)
+            item_P = torch.arange(b, device=x_BZSS.device).repeat_interleave(k)  # sample-major pairs
+            y_BKY = self.run_experts(x_BZSS[item_P], gate.experts_NK.reshape(-1)).view(b, k, -1)
             probs_BKC = y_BKY[..., :c]
             mixture_BC = torch.einsum("bk,bkc->bc", gate.weights_NK, probs_BKC)
             with torch.no_grad():  # top-k is sorted: slot 0 is the argmax-gate expert

@@ -9,8 +9,8 @@ the same batch) the convolutions run as ONE grouped conv over channels [expert, 
 as ONE batched matmul over experts; per-expert BatchNorm is BatchNorm over the E*C stacked channels.
 Unequal groups (sparse gates) loop over local experts on contiguous row slices with the same parameters.
 
-Shape legend: E local experts, R rows grouped by local expert, n rows per expert (equal groups), C channels,
-S image side, F flattened features, O/I out/in features, K classes, H hidden width (= attention H).
+Shape legend: E local experts, R rows grouped by local expert, n rows per expert (equal groups), Z channels,
+S image side, I fc1 in-features, O/I out/in features, C classes, H hidden width (= attention H).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class StackedLinear(nn.Module):
 
 
 class PaperExperts(ExpertStack):
-    """All experts of the paper MoE; forward_grouped returns concat([class probs_K, hidden_H]) per row."""
+    """All experts of the paper MoE; forward_grouped returns concat([class probs_C, hidden_H]) per row."""
 
     def __init__(self, num_experts: int, spec: ConvNetSpec, num_classes: int):
         super().__init__(num_experts)
@@ -207,11 +207,11 @@ class PaperExperts(ExpertStack):
             if isinstance(bn, StackedBatchNorm2d):
                 t = bn.forward_all(t)
             t = F.relu(F.max_pool2d(t, 2))  # == pool(relu(t)) (both monotone), on 4x fewer values
-        t_EnF = t.reshape(n, e, -1).transpose(0, 1)  # per expert, channel-major flatten as in the reference
-        t_EnF = F.relu(self.fc1.forward_all(t_EnF))
-        hidden_EnH = self.fc2.forward_all(t_EnF)
-        probs_EnK = torch.softmax(self.out.forward_all(F.relu(hidden_EnH)), dim=-1)
-        return torch.cat([probs_EnK, hidden_EnH], dim=-1)
+        t_EnI = t.reshape(n, e, -1).transpose(0, 1)  # per expert, channel-major flatten as in the reference
+        t_EnI = F.relu(self.fc1.forward_all(t_EnI))
+        hidden_EnH = self.fc2.forward_all(t_EnI)
+        probs_EnC = torch.softmax(self.out.forward_all(F.relu(hidden_EnH)), dim=-1)
+        return torch.cat([probs_EnC, hidden_EnH], dim=-1)
 
     def _forward_one(self, x: torch.Tensor, i: int) -> torch.Tensor:
         t = x
@@ -235,9 +235,9 @@ def conv_stages(spec: ConvNetSpec) -> tuple[nn.ModuleList, nn.ModuleList]:
     return convs, bns
 
 
-def run_conv_stages(convs: nn.ModuleList, bns: nn.ModuleList, x_BCSS: torch.Tensor) -> torch.Tensor:
+def run_conv_stages(convs: nn.ModuleList, bns: nn.ModuleList, x_BZSS: torch.Tensor) -> torch.Tensor:
     """conv -> BatchNorm -> max-pool -> ReLU per stage (== ReLU before the pool: both monotone, 4x fewer values)."""
-    t = x_BCSS
+    t = x_BZSS
     for i, (conv, bn) in enumerate(zip(convs, bns)):
         t = first_conv(t, conv, bn) if i == 0 else bn(conv(t))  # channels-last from here on
         t = F.relu(F.max_pool2d(t, 2))
@@ -254,6 +254,6 @@ class PlainExpert(nn.Module):
         self.fc2 = nn.Linear(spec.fc1, spec.hidden)
         self.out = nn.Linear(spec.hidden, num_classes)
 
-    def forward(self, x_BCSS: torch.Tensor) -> torch.Tensor:
-        t = F.relu(self.fc1(run_conv_stages(self.convs, self.bns, x_BCSS).flatten(1)))
+    def forward(self, x_BZSS: torch.Tensor) -> torch.Tensor:
+        t = F.relu(self.fc1(run_conv_stages(self.convs, self.bns, x_BZSS).flatten(1)))
         return torch.softmax(self.out(F.relu(self.fc2(t))), dim=-1)

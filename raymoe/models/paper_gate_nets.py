@@ -4,7 +4,7 @@ The original gate applies ReLU(fc2) -> out -> softmax(./T) (gates.py); the atten
 without ReLU except on Fashion-MNIST (docs/paper-notes.md §1.2, "Attentive-gate trunk" row). Both gates hold the trunk
 under the same parameter names (`trunk.*`), so distillation loads one from the other (docs/paper-notes.md §1.3 rows 8/9).
 
-Shape legend: B samples, C channels, S image side, H trunk output width.
+Shape legend: B samples, Z channels, S image side, H trunk output width.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ class GateTrunk(nn.Module):
         self.fc1 = nn.Linear(spec.flat_features, spec.fc1)
         self.fc2 = nn.Linear(spec.fc1, spec.hidden)
 
-    def forward(self, x_BCSS: torch.Tensor) -> torch.Tensor:
-        t = run_conv_stages(self.convs, self.bns, x_BCSS)
+    def forward(self, x_BZSS: torch.Tensor) -> torch.Tensor:
+        t = run_conv_stages(self.convs, self.bns, x_BZSS)
         # fc1 is the gate's largest GEMM (FMNIST: 1352 -> 512): oneDNN on CPU (onednn_gemm.py)
         h_BH = linear(F.relu(linear(t.flatten(1), self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
         return F.relu(h_BH) if self.final_relu else h_BH

@@ -3,7 +3,7 @@
 Channel pairs (i, i + d/2) of each query and key head are rotated by the angle pos * base^(-2i/d), so
 q_m . k_n depends on the positions only through m - n (relative positions, nothing to learn).
 
-Shape legend: B batch, H heads, T positions, d head dim, F = d / 2 frequencies.
+Shape legend: B sequences, h heads, T positions, d head width, f = d / 2 frequencies.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ class Rotary(nn.Module):
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary positions need an even head dim, got {head_dim}")
-        inv_freq_F = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles_TF = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq_F
-        self.register_buffer("cos_TF", angles_TF.cos().float(), persistent=False)
-        self.register_buffer("sin_TF", angles_TF.sin().float(), persistent=False)
+        inv_freq_f = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles_Tf = torch.arange(max_len, dtype=torch.float64)[:, None] * inv_freq_f
+        self.register_buffer("cos_Tf", angles_Tf.cos().float(), persistent=False)
+        self.register_buffer("sin_Tf", angles_Tf.sin().float(), persistent=False)
 
-    def forward(self, x_BHTd: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def forward(self, x_BhTd: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """x rotated for positions offset .. offset + T - 1."""
-        t = x_BHTd.shape[-2]
-        cos_TF = self.cos_TF[offset:offset + t].to(x_BHTd.dtype)
-        sin_TF = self.sin_TF[offset:offset + t].to(x_BHTd.dtype)
-        x1, x2 = x_BHTd.chunk(2, dim=-1)
-        return torch.cat([x1 * cos_TF - x2 * sin_TF, x1 * sin_TF + x2 * cos_TF], dim=-1)
+        t = x_BhTd.shape[-2]
+        cos_Tf = self.cos_Tf[offset:offset + t].to(x_BhTd.dtype)
+        sin_Tf = self.sin_Tf[offset:offset + t].to(x_BhTd.dtype)
+        x1, x2 = x_BhTd.chunk(2, dim=-1)
+        return torch.cat([x1 * cos_Tf - x2 * sin_Tf, x1 * sin_Tf + x2 * cos_Tf], dim=-1)

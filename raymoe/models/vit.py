@@ -7,7 +7,7 @@ Every token of the sequence is routed, the class token included (as in V-MoE), s
 N = B * T tokens with T = patches + 1 for pool "cls" and T = patches for pool "mean" (= items_per_sample).
 With HyperMoE the model owns the one HyperNetwork shared by all MoE layers.
 
-Shape legend: B images, C channels, H/W image size, T tokens per image, D model dim, K classes.
+Shape legend: B images, Z channels, S image side, T tokens per image, D model dim, C classes.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Block(nn.Module):
 
 
 class ViTMoE(nn.Module):
-    """ViT with sparse MoE FFNs; forward(x_BCHW) -> ModelOutput."""
+    """ViT with sparse MoE FFNs; forward(x_BZSS) -> ModelOutput."""
 
     def __init__(self, cfg: ExperimentConfig, num_classes: int, in_channels: int, image_size: int):
         super().__init__()
@@ -84,16 +84,16 @@ class ViTMoE(nn.Module):
         self.norm = nn.LayerNorm(vit.dim)
         self.head = nn.Linear(vit.dim, num_classes)
 
-    def forward(self, x_BCHW: torch.Tensor) -> ModelOutput:
-        x_BTD = self.patch_embed(x_BCHW).flatten(2).transpose(1, 2)
+    def forward(self, x_BZSS: torch.Tensor) -> ModelOutput:
+        x_BTD = self.patch_embed(x_BZSS).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x_BTD = torch.cat([self.cls_token.expand(x_BTD.shape[0], -1, -1), x_BTD], dim=1)
         x_BTD = x_BTD + self.pos_embed
         x_BTD, gates, stats = run_blocks(self.blocks, x_BTD)
         x_BTD = self.norm(x_BTD)
         pooled_BD = x_BTD[:, 0] if self.pool == "cls" else x_BTD.mean(dim=1)
-        logits_BK = self.head(pooled_BD)
-        return ModelOutput(log_probs_BC=F.log_softmax(logits_BK.float(), dim=-1), gates=gates,
+        logits_BC = self.head(pooled_BD)
+        return ModelOutput(log_probs_BC=F.log_softmax(logits_BC.float(), dim=-1), gates=gates,
                            items_per_sample=self.num_tokens, selected_pred_B=None, aux_loss=None,
                            layer_stats=stats)
 

@@ -3,7 +3,8 @@
 One interface serves a single worker (LocalDispatcher) and an expert-parallel group (AllToAllDispatcher,
 in all_to_all.py). Model code calls only `dispatch`, the experts' grouped forward and `combine`.
 
-Shape legend: P (item, expert) pairs on this rank, R rows received by this rank's experts,
+Shape legend: P (item, expert) pairs on this rank, p the kept pairs (DispatchMeta.order_p), R rows received by
+this rank's experts,
 e local experts, X/Y feature dims (any trailing shape).
 """
 
@@ -72,19 +73,19 @@ def put_rows(y: torch.Tensor, idx: torch.Tensor, num_rows: int, inverse: torch.T
 
 @dataclass(slots=True)
 class DispatchMeta:
-    """What `combine` needs to undo `dispatch`. Fields beyond `order_P` are dispatcher-specific."""
+    """What `combine` needs to undo `dispatch`. Fields beyond `order_p` are dispatcher-specific."""
 
-    order_P: torch.Tensor  # permutation that sorted this rank's kept pairs by destination expert
+    order_p: torch.Tensor  # permutation that sorted this rank's kept pairs by destination expert
     kept_P: torch.Tensor  # bool mask: pairs with expert id >= 0 (dropped pairs get zero output)
     num_pairs: int
     extra: dict | None = None
-    inverse_P: torch.Tensor | None = None  # inverse of order_P when no pair was dropped
+    inverse_p: torch.Tensor | None = None  # inverse of order_p when no pair was dropped
     dense: bool = False  # every expert saw every item (dispatch without expert ids)
 
     @classmethod
     def for_dense(cls, x: torch.Tensor, num_pairs: int, extra: dict | None = None) -> "DispatchMeta":
         """The meta of a dense dispatch: no pair order, every (expert, item) pair kept."""
-        return cls(order_P=x.new_empty(0, dtype=torch.long), kept_P=x.new_ones(0, dtype=torch.bool),
+        return cls(order_p=x.new_empty(0, dtype=torch.long), kept_P=x.new_ones(0, dtype=torch.bool),
                    num_pairs=num_pairs, extra=extra, dense=True)
 
 
@@ -125,7 +126,7 @@ class LocalDispatcher:
             return x_PX, [n] * self.num_experts, DispatchMeta.for_dense(x_PX, self.num_experts * n)
         kept_P, order, inverse = sort_pairs(experts_P)
         counts = torch.bincount(experts_P[order], minlength=self.num_experts).tolist()
-        meta = DispatchMeta(order_P=order, kept_P=kept_P, num_pairs=experts_P.numel(), inverse_P=inverse)
+        meta = DispatchMeta(order_p=order, kept_P=kept_P, num_pairs=experts_P.numel(), inverse_p=inverse)
         return take_rows(x_PX, order, inverse), counts, meta
 
     def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
@@ -133,4 +134,4 @@ class LocalDispatcher:
         from forward_dense as E * n expert-major rows."""
         if meta.dense:
             return y_RY.reshape(meta.num_pairs, *y_RY.shape[2:])
-        return put_rows(y_RY, meta.order_P, meta.num_pairs, meta.inverse_P)
+        return put_rows(y_RY, meta.order_p, meta.num_pairs, meta.inverse_p)

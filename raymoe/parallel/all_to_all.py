@@ -14,7 +14,7 @@ never depend on this rank's data alone: a rank whose experts got no rows (their 
 whose rows need no gradient while a peer's do, still takes part (its tensors become graph leaves); the need for a
 backward of the dispatch is agreed on with the count exchange, the combine always has one in grad mode.
 
-Shape legend: P pairs on this rank, S rows sent, R rows received, E experts, e local experts, W EP ranks,
+Shape legend: P pairs on this rank, p kept pairs in send order, R rows received, E experts, e local experts, W EP ranks,
 X/Y feature dims (any trailing shape).
 """
 
@@ -87,8 +87,8 @@ class AllToAllDispatcher:
         """
         if experts_P is None:
             return self._dispatch_dense(x_PX)
-        kept_P, order_S, inverse_S = sort_pairs(experts_P)
-        send_E = torch.bincount(experts_P[order_S], minlength=self.num_experts)
+        kept_P, order_p, inverse_p = sort_pairs(experts_P)
+        send_E = torch.bincount(experts_P[order_p], minlength=self.num_experts)
         # 1) counts: rank w learns how many rows each source sends to each of its local experts, plus whether
         # any source's rows need gradients (then every rank must run the backward exchange, see module doc)
         wants_grad = torch.is_grad_enabled() and x_PX.requires_grad
@@ -102,10 +102,10 @@ class AllToAllDispatcher:
         send_splits = send_E.view(self.ep_size, self.per_rank).sum(1).tolist()
         recv_splits = recv_We.sum(1).tolist()
         # 2) rows: variable-size exchange, differentiable
-        x_SX = take_rows(x_PX, order_S, inverse_S)
+        x_pX = take_rows(x_PX, order_p, inverse_p)
         if dispatch_grad:  # this rank's rows may need no gradient while its peers' do
-            x_SX = in_graph(x_SX)
-        x_RX = all_to_all_autograd(x_SX, recv_splits, send_splits, self.group)
+            x_pX = in_graph(x_pX)
+        x_RX = all_to_all_autograd(x_pX, recv_splits, send_splits, self.group)
         # 3) source-major -> local-expert-major (stable sort by local expert keeps sources in rank order)
         local_id_R = torch.arange(self.per_rank, device=x_PX.device).repeat(self.ep_size)
         local_id_R = local_id_R.repeat_interleave(recv_We.flatten())
@@ -113,7 +113,7 @@ class AllToAllDispatcher:
         counts = recv_We.sum(0).tolist()
         inverse_R = inverse_permutation(regroup_R, regroup_R.numel())
         x_RX = take_rows(x_RX, regroup_R, inverse_R)
-        meta = DispatchMeta(order_P=order_S, kept_P=kept_P, num_pairs=experts_P.numel(), inverse_P=inverse_S,
+        meta = DispatchMeta(order_p=order_p, kept_P=kept_P, num_pairs=experts_P.numel(), inverse_p=inverse_p,
                             extra={"send_splits": send_splits, "recv_splits": recv_splits, "regroup_R": regroup_R,
                                    "inverse_R": inverse_R, "x_RX": x_RX if dispatch_grad else None})
         return x_RX, counts, meta
@@ -128,10 +128,10 @@ class AllToAllDispatcher:
             dist.all_to_all_single(recv_W2, send_W2, group=self.group)
         sizes = recv_W2[:, 0].tolist()
         dispatch_grad = bool(recv_W2[:, 1].any()) or wants_grad
-        x_SX = x_NX.unsqueeze(0).expand(w, *x_NX.shape).reshape(w * n, *x_NX.shape[1:])  # my items to each rank
+        x_pX = x_NX.unsqueeze(0).expand(w, *x_NX.shape).reshape(w * n, *x_NX.shape[1:])  # my items to each rank
         if dispatch_grad:  # see the module docstring
-            x_SX = in_graph(x_SX)
-        x_GX = all_to_all_autograd(x_SX, sizes, [n] * w, self.group)
+            x_pX = in_graph(x_pX)
+        x_GX = all_to_all_autograd(x_pX, sizes, [n] * w, self.group)
         meta = DispatchMeta.for_dense(x_NX, self.num_experts * n,
                                       extra={"sizes": sizes, "n": n, "x_RX": x_GX if dispatch_grad else None})
         return x_GX, [x_GX.shape[0]] * self.per_rank, meta
@@ -139,8 +139,8 @@ class AllToAllDispatcher:
     def _combine_dense(self, y_eGY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
         """(local experts, G items, Y) -> each source rank's items back: (E * n) expert-major rows."""
         sizes, n, e = meta.extra["sizes"], meta.extra["n"], self.per_rank
-        y_SY = torch.cat([part.reshape(e * part.shape[1], *part.shape[2:]) for part in y_eGY.split(sizes, dim=1)])
-        y_PY = all_to_all_autograd(y_SY, [e * n] * self.ep_size, [e * b for b in sizes], self.group)
+        y_pY = torch.cat([part.reshape(e * part.shape[1], *part.shape[2:]) for part in y_eGY.split(sizes, dim=1)])
+        y_PY = all_to_all_autograd(y_pY, [e * n] * self.ep_size, [e * b for b in sizes], self.group)
         return y_PY  # rank r's block is its experts r*e .. r*e+e-1 over my n items: global expert-major
 
     def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
@@ -156,5 +156,5 @@ class AllToAllDispatcher:
         if meta.dense:
             return self._combine_dense(y_RY, meta)
         y_src_RY = put_rows(y_RY, extra["regroup_R"], y_RY.shape[0], extra["inverse_R"])  # undo step 3
-        y_SY = all_to_all_autograd(y_src_RY, extra["send_splits"], extra["recv_splits"], self.group)
-        return put_rows(y_SY, meta.order_P, meta.num_pairs, meta.inverse_P)
+        y_pY = all_to_all_autograd(y_src_RY, extra["send_splits"], extra["recv_splits"], self.group)
+        return put_rows(y_pY, meta.order_p, meta.num_pairs, meta.inverse_p)

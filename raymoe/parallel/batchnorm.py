@@ -31,18 +31,18 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [d for d in range(x.dim()) if d != 1]
         count = torch.tensor([x.numel() / max(x.shape[1], 1)], dtype=x.dtype, device=x.device)
         dist.all_reduce(count)  # items * spatial positions over all ranks (no gradient)
-        mean_C = _AllReduceSum.apply(in_graph(x.sum(dim=dims))) / count
+        mean_Z = _AllReduceSum.apply(in_graph(x.sum(dim=dims))) / count
         shape = [1, -1] + [1] * (x.dim() - 2)
-        centred = x - mean_C.view(shape)
-        var_C = _AllReduceSum.apply(in_graph((centred * centred).sum(dim=dims))) / count
+        centred = x - mean_Z.view(shape)
+        var_Z = _AllReduceSum.apply(in_graph((centred * centred).sum(dim=dims))) / count
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 momentum = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
-                unbiased = var_C * (count / (count - 1).clamp(min=1))
-                self.running_mean.mul_(1 - momentum).add_(momentum * mean_C.detach())
+                unbiased = var_Z * (count / (count - 1).clamp(min=1))
+                self.running_mean.mul_(1 - momentum).add_(momentum * mean_Z.detach())
                 self.running_var.mul_(1 - momentum).add_(momentum * unbiased.detach())
-        y = centred * torch.rsqrt(var_C + self.eps).view(shape)
+        y = centred * torch.rsqrt(var_Z + self.eps).view(shape)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y

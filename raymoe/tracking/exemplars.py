@@ -1,7 +1,7 @@
 """What has each expert learned? For every expert, the evaluation images it weighs highest (docs/observatory.md).
 
 Sample-level gates weigh an image directly; a token-level layer weighs an image by its mean gate probability over
-the image's tokens. Shape legend: B images, T tokens per image, E experts, N routed items, L MoE layers.
+the image's tokens. Shape legend: B images, T tokens per image, E experts, N routed items.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ def top_images(model: torch.nn.Module, batches, per_expert: int = 8) -> list[tup
     for each expert (indices into the evaluation order)."""
     model.eval()
     weights: list[list[torch.Tensor]] = []
-    for x_BCHW, _ in batches:
-        out = model(x_BCHW)
-        b = x_BCHW.shape[0]
+    for x_BZSS, _ in batches:
+        out = model(x_BZSS)
+        b = x_BZSS.shape[0]
         for i, gate in enumerate(out.gates):
             w_BE = gate.probs_NE.detach().float().view(b, -1, gate.probs_NE.shape[-1]).mean(1).cpu()
             if len(weights) <= i:
@@ -42,14 +42,14 @@ def exemplar_figure(images_BCHW: torch.Tensor, indices_EN: np.ndarray, weights_E
     fig = Figure(figsize=(1.2 * n + 0.8, 1.25 * e + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(e, n, squeeze=False)
-    mean_C = torch.tensor(mean).view(-1, 1, 1)
-    std_C = torch.tensor(std).view(-1, 1, 1)
+    mean_Z = torch.tensor(mean).view(-1, 1, 1)
+    std_Z = torch.tensor(std).view(-1, 1, 1)
     for r in range(e):
         for c in range(n):
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            img = (images_BCHW[int(indices_EN[r, c])].cpu() * std_C + mean_C).clamp(0, 1)
+            img = (images_BCHW[int(indices_EN[r, c])].cpu() * std_Z + mean_Z).clamp(0, 1)
             ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap="gray" if img.shape[0] == 1
                       else None, vmin=0, vmax=1)
             label = ""

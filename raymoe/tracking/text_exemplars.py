@@ -1,7 +1,8 @@
 """What has each expert of a language model learned? Per MoE layer and expert: the tokens routed to it most often,
 and the evaluation tokens it weighs highest, each with its context, as Markdown tables (docs/observatory.md).
 
-Shape legend: W windows, T positions, N = W * T tokens, E experts, K exemplars per expert, V vocabulary.
+Shape legend: B windows, T positions, N = B * T tokens, E experts, V vocabulary; `indices_EN`: each expert's
+top tokens (N: indices into the flat tokens).
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ _MARKDOWN_SPECIAL = set("\\`*_|[]<>#~")
 
 
 @torch.no_grad()
-def top_tokens(model: torch.nn.Module, x_WT: torch.Tensor, batch_size: int, per_expert: int = 6
+def top_tokens(model: torch.nn.Module, x_BT: torch.Tensor, batch_size: int, per_expert: int = 6
                ) -> list[dict[str, np.ndarray]]:
-    """Per MoE layer: indices_EK (into x_WT flattened) and weights_EK of the `per_expert` tokens with the highest
+    """Per MoE layer: indices_EN (into x_BT flattened) and weights_EN of the `per_expert` tokens with the highest
     gate probability for each expert, and counts_EV (tokens routed to each expert as its top-1)."""
     model.eval()
     probs: list[list[torch.Tensor]] = []
     counts: list[torch.Tensor] = []
     vocab = None
-    for chunk_WT in torch.split(x_WT, batch_size):
+    for chunk_WT in torch.split(x_BT, batch_size):
         out = model(chunk_WT)
         vocab = out.log_probs_BC.shape[-1]
         for i, gate in enumerate(out.gates):
@@ -36,7 +37,7 @@ def top_tokens(model: torch.nn.Module, x_WT: torch.Tensor, batch_size: int, per_
     for layer_probs, layer_counts in zip(probs, counts):
         probs_NE = torch.cat(layer_probs)
         top = probs_NE.topk(min(per_expert, probs_NE.shape[0]), dim=0)
-        found.append({"indices_EK": top.indices.T.numpy(), "weights_EK": top.values.T.numpy(),
+        found.append({"indices_EN": top.indices.T.numpy(), "weights_EN": top.values.T.numpy(),
                       "counts_EV": layer_counts.view(probs_NE.shape[1], vocab).numpy()})
     return found
 
@@ -69,12 +70,12 @@ def token_in_context(ids_N: np.ndarray, index: int, block_size: int, tokenizer) 
     return f"{markdown_text(tokenizer.decode(before))}**{token}**{markdown_text(tokenizer.decode(after))}"
 
 
-def exemplar_markdown(x_WT: torch.Tensor, found: list[dict[str, np.ndarray]], tokenizer, most_routed: int = 8,
+def exemplar_markdown(x_BT: torch.Tensor, found: list[dict[str, np.ndarray]], tokenizer, most_routed: int = 8,
                       title: str = "") -> str:
     """One section per MoE layer: each expert's load share and most routed tokens, then each expert's
     highest-weighted occurrences with their context."""
-    ids_N = x_WT.reshape(-1).cpu().numpy()
-    block_size = x_WT.shape[1]
+    ids_N = x_BT.reshape(-1).cpu().numpy()
+    block_size = x_BT.shape[1]
     lines = [f"# {title or 'What each expert has learned: tokens routed to it and its highest-weighted tokens'}", ""]
     for layer, arrays in enumerate(found):
         counts_EV = arrays["counts_EV"]
@@ -89,8 +90,8 @@ def exemplar_markdown(x_WT: torch.Tensor, found: list[dict[str, np.ndarray]], to
                                f"{row_V[v] / per_token_V[v]:.0%})" for v in order if row_V[v] > 0)
             lines.append(f"| {e} | {row_V.sum() / total:.3f} | {tokens or '(none)'} |")
         lines += ["", "| expert | gate weight | token in context |", "|---|---|---|"]
-        for e, (indices_K, weights_K) in enumerate(zip(arrays["indices_EK"], arrays["weights_EK"])):
-            for index, weight in zip(indices_K, weights_K):
+        for e, (indices_N, weights_N) in enumerate(zip(arrays["indices_EN"], arrays["weights_EN"])):
+            for index, weight in zip(indices_N, weights_N):
                 lines.append(f"| {e} | {weight:.3f} | {token_in_context(ids_N, int(index), block_size, tokenizer)} |")
         lines.append("")
     return "\n".join(lines)

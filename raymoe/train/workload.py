@@ -190,7 +190,7 @@ class TextWorkload:
                                  rank=self.ctx.rank, world_size=self.ctx.world_size)
 
     @torch.no_grad()
-    def _score(self, model: nn.Module, x_WT: torch.Tensor, y_WT: torch.Tensor, split: str, keep_items: int = 0):
+    def _score(self, model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor, split: str, keep_items: int = 0):
         from raymoe.data.text.dataset import bits_per_byte
         from raymoe.metrics.lm import LanguageModelAccumulator
         from raymoe.train.precision import autocast
@@ -198,16 +198,16 @@ class TextWorkload:
         ctx, cfg = self.ctx, self.cfg
         model.eval()
         acc = LanguageModelAccumulator(self.data.vocab_size, self.data.block_size, keep_items)
-        part = torch.tensor_split(torch.arange(len(x_WT)), ctx.world_size)[ctx.rank]
+        part = torch.tensor_split(torch.arange(len(x_BT)), ctx.world_size)[ctx.rank]
         for chunk in torch.split(part, cfg.train.eval_batch_size):
             if len(chunk):
-                idx = chunk.to(x_WT.device)
+                idx = chunk.to(x_BT.device)
                 with autocast(ctx.device, cfg.train.precision):
-                    acc.update(model(x_WT[idx]), x_WT[idx], y_WT[idx])
+                    acc.update(model(x_BT[idx]), x_BT[idx], y_BT[idx])
         acc.reduce(ctx)
         metrics = acc.compute(bytes_per_token=1.0)
-        nll_sum = metrics["loss"] * y_WT.numel()
-        metrics["bits_per_byte"] = bits_per_byte(nll_sum, self.data.target_bytes(y_WT, split))
+        nll_sum = metrics["loss"] * y_BT.numel()
+        metrics["bits_per_byte"] = bits_per_byte(nll_sum, self.data.target_bytes(y_BT, split))
         return metrics, acc
 
     def evaluate(self, model: nn.Module, final: bool) -> tuple[dict[str, float], dict]:

@@ -6,7 +6,8 @@ UTF-8 bytes behind those targets. `token_bytes_V` (the bytes of every id, exact 
 gives the bytes of any batch of targets; pre-tokenized shards without a tokenizer fall back to the split's
 average `bytes_per_token` from meta.json's split_bytes, or to None (then only bits per token are defined).
 
-Shape legend: N tokens in a split, V vocabulary, W validation windows, T = block_size, B windows.
+Shape legend: N tokens in a split, V vocabulary, T = block_size, B windows (a training batch or the validation
+subset).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class TextDataset:
     train: torch.Tensor  # train_N
     val: torch.Tensor  # val_N
     test: torch.Tensor | None  # test_N; None for nanoGPT shards without test.bin
-    val_x: torch.Tensor  # val_x_WT: the fixed validation subset (data.text.val_tokens targets at most)
-    val_y: torch.Tensor  # val_y_WT
+    val_x: torch.Tensor  # val_x_BT: the fixed validation subset (data.text.val_tokens targets at most)
+    val_y: torch.Tensor  # val_y_BT
     vocab_size: int  # ids are < vocab_size; the model embeds at least this many rows
     block_size: int  # data.text.block_size
     bytes_per_token: dict[str, float | None]  # UTF-8 bytes per token of each split (None: unknown)

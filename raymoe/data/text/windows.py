@@ -6,7 +6,7 @@ Data parallel: every rank draws the same global batch of offsets and keeps its c
 (torch.tensor_split), so the ranks' slices together are exactly the single-process batch.
 Evaluation windows are fixed: evenly spaced over the split, non-overlapping when the split is long enough.
 
-Shape legend: N tokens in the split, B windows, T = block_size, W evaluation windows.
+Shape legend: N tokens in the split, B windows (a training batch or the evaluation subset), T = block_size.
 """
 
 from __future__ import annotations
@@ -56,6 +56,6 @@ def eval_starts(num_tokens: int, block_size: int, max_tokens: int | None = None)
 
 def eval_windows(tokens_N: torch.Tensor, block_size: int,
                  max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fixed evaluation windows (x_WT, y_WT), int64 on tokens_N's device; see eval_starts."""
-    starts_W = eval_starts(tokens_N.numel(), block_size, max_tokens).to(tokens_N.device)
-    return _gather(tokens_N, starts_W, block_size)
+    """The fixed evaluation windows (x_BT, y_BT), int64 on tokens_N's device; see eval_starts."""
+    starts_B = eval_starts(tokens_N.numel(), block_size, max_tokens).to(tokens_N.device)
+    return _gather(tokens_N, starts_B, block_size)

@@ -5,7 +5,8 @@ kernel are checked once per device by a probe, and every call checks the kernel'
 otherwise a loop of addmm over contiguous row slices gives the same numbers. "auto" picks grouped_mm on CUDA
 and the loop on CPU, where it measured faster (see use_grouped_mm).
 
-Shape legend: R rows grouped by group (group-major), G groups, X input features, Y output features.
+Shape legend: R rows grouped by group (group-major), e groups (local experts), F hidden width of grouped_ffn,
+X input features, Y output features.
 """
 
 from __future__ import annotations
@@ -60,15 +61,15 @@ def _probe(device: torch.device, dtype: torch.dtype) -> bool:
     return _probe_cache[key]
 
 
-def grouped_mm_applies(x_RX: torch.Tensor, w_GXY: torch.Tensor) -> bool:
+def grouped_mm_applies(x_RX: torch.Tensor, w_eXY: torch.Tensor) -> bool:
     """Whether `torch._grouped_mm` can run this product (availability, dtype, alignment, working kernel)."""
-    return (hasattr(torch, "_grouped_mm") and x_RX.dtype in _GROUPED_DTYPES and w_GXY.dtype == x_RX.dtype
-            and x_RX.dim() == 2 and w_GXY.dim() == 3 and _aligned(x_RX) and _aligned(w_GXY)
-            and w_GXY.shape[-1] * x_RX.element_size() % 16 == 0  # the output's row stride
+    return (hasattr(torch, "_grouped_mm") and x_RX.dtype in _GROUPED_DTYPES and w_eXY.dtype == x_RX.dtype
+            and x_RX.dim() == 2 and w_eXY.dim() == 3 and _aligned(x_RX) and _aligned(w_eXY)
+            and w_eXY.shape[-1] * x_RX.element_size() % 16 == 0  # the output's row stride
             and _probe(x_RX.device, x_RX.dtype))
 
 
-def use_grouped_mm(x_RX: torch.Tensor, w_GXY: torch.Tensor, impl: Impl = "auto") -> bool:
+def use_grouped_mm(x_RX: torch.Tensor, w_eXY: torch.Tensor, impl: Impl = "auto") -> bool:
     """The path of `impl`: "auto" takes grouped_mm on CUDA where it applies, the loop on CPU.
 
     NOTE: on CPU, torch._grouped_mm is a composite of per-group GEMMs (torch 2.9-2.14); measured on a 2-core x86
@@ -77,35 +78,35 @@ def use_grouped_mm(x_RX: torch.Tensor, w_GXY: torch.Tensor, impl: Impl = "auto")
     (raymoe bench moe-layer --impl grouped_mm vs --impl loop).
     """
     if impl == "auto":
-        return x_RX.is_cuda and x_RX.shape[0] > 0 and grouped_mm_applies(x_RX, w_GXY)
+        return x_RX.is_cuda and x_RX.shape[0] > 0 and grouped_mm_applies(x_RX, w_eXY)
     return impl == "grouped_mm"
 
 
-def grouped_linear(x_RX: torch.Tensor, w_GXY: torch.Tensor, b_GY: torch.Tensor | None, counts: list[int],
+def grouped_linear(x_RX: torch.Tensor, w_eXY: torch.Tensor, b_eY: torch.Tensor | None, counts: list[int],
                    impl: Impl = "auto") -> torch.Tensor:
     """y[rows of group g] = x[rows of group g] @ w[g] + b[g].
 
     Args:
         x_RX: rows sorted by group; group g owns the next counts[g] rows.
-        w_GXY: one weight matrix per group.
-        b_GY: one bias per group, or None.
+        w_eXY: one weight matrix per group.
+        b_eY: one bias per group, or None.
         counts: rows per group (python ints, len G, summing to R).
         impl: "grouped_mm", "loop", or "auto" (see use_grouped_mm).
     Returns:
         y_RY.
     """
-    if use_grouped_mm(x_RX, w_GXY, impl):
-        offs_G = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_RX.device)
-        y_RY = _ContiguousGrad.apply(torch._grouped_mm(x_RX, w_GXY, offs=offs_G))
-        if b_GY is not None:
-            counts_G = torch.tensor(counts, device=x_RX.device)
-            y_RY = y_RY + b_GY.repeat_interleave(counts_G, dim=0, output_size=x_RX.shape[0])
+    if use_grouped_mm(x_RX, w_eXY, impl):
+        offs_e = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_RX.device)
+        y_RY = _ContiguousGrad.apply(torch._grouped_mm(x_RX, w_eXY, offs=offs_e))
+        if b_eY is not None:
+            counts_e = torch.tensor(counts, device=x_RX.device)
+            y_RY = y_RY + b_eY.repeat_interleave(counts_e, dim=0, output_size=x_RX.shape[0])
         return y_RY
     # split/unbind keep one autograd node each (slicing per group would allocate a full-size gradient per slice)
-    xs, ws = x_RX.split(counts), w_GXY.unbind(0)
-    if b_GY is None:
+    xs, ws = x_RX.split(counts), w_eXY.unbind(0)
+    if b_eY is None:
         return torch.cat([torch.mm(x, w) for x, w in zip(xs, ws)])
-    return torch.cat([torch.addmm(b, x, w) for x, w, b in zip(xs, ws, b_GY.unbind(0))])
+    return torch.cat([torch.addmm(b, x, w) for x, w, b in zip(xs, ws, b_eY.unbind(0))])
 
 
 Activation = Literal["gelu", "relu"]
@@ -139,29 +140,29 @@ class _LoopFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_RX, w1_GXH, b1_GH, w2_GHY, b2_GY, counts: list[int], act: Activation):
-        pre_RH = x_RX.new_empty((x_RX.shape[0], w1_GXH.shape[2]))
-        h_RH = torch.empty_like(pre_RH)
-        y_RY = x_RX.new_empty((x_RX.shape[0], w2_GHY.shape[2]))
+    def forward(ctx, x_RX, w1_eXF, b1_eF, w2_eFY, b2_eY, counts: list[int], act: Activation):
+        pre_RF = x_RX.new_empty((x_RX.shape[0], w1_eXF.shape[2]))
+        h_RF = torch.empty_like(pre_RF)
+        y_RY = x_RX.new_empty((x_RX.shape[0], w2_eFY.shape[2]))
         start = 0
         for g, c in enumerate(counts):
             if c:
                 rows = slice(start, start + c)
-                torch.addmm(b1_GH[g], x_RX[rows], w1_GXH[g], out=pre_RH[rows])
-                torch.addmm(b2_GY[g], _act_into(pre_RH[rows], act, h_RH[rows]), w2_GHY[g], out=y_RY[rows])
+                torch.addmm(b1_eF[g], x_RX[rows], w1_eXF[g], out=pre_RF[rows])
+                torch.addmm(b2_eY[g], _act_into(pre_RF[rows], act, h_RF[rows]), w2_eFY[g], out=y_RY[rows])
                 start += c
-        ctx.save_for_backward(x_RX, w1_GXH, w2_GHY, pre_RH, h_RH)
+        ctx.save_for_backward(x_RX, w1_eXF, w2_eFY, pre_RF, h_RF)
         ctx.counts, ctx.act = counts, act
         return y_RY
 
     @staticmethod
     def backward(ctx, dy_RY):
-        x_RX, w1_GXH, w2_GHY, pre_RH, h_RH = ctx.saved_tensors
+        x_RX, w1_eXF, w2_eFY, pre_RF, h_RF = ctx.saved_tensors
         dy_RY = dy_RY.contiguous()
         dx_RX = torch.empty_like(x_RX)
-        dw1, dw2 = torch.empty_like(w1_GXH), torch.empty_like(w2_GHY)  # every group's slot written below
-        db1 = w1_GXH.new_empty((w1_GXH.shape[0], w1_GXH.shape[2]))
-        db2 = w2_GHY.new_empty((w2_GHY.shape[0], w2_GHY.shape[2]))
+        dw1, dw2 = torch.empty_like(w1_eXF), torch.empty_like(w2_eFY)  # every group's slot written below
+        db1 = w1_eXF.new_empty((w1_eXF.shape[0], w1_eXF.shape[2]))
+        db2 = w2_eFY.new_empty((w2_eFY.shape[0], w2_eFY.shape[2]))
         start = 0
         for g, c in enumerate(ctx.counts):
             if not c:  # a group without rows gets zero gradient
@@ -169,19 +170,19 @@ class _LoopFFN(torch.autograd.Function):
                     grad[g].zero_()
             else:
                 rows = slice(start, start + c)
-                x, pre, dy = x_RX[rows], pre_RH[rows], dy_RY[rows]
-                torch.mm(h_RH[rows].t(), dy, out=dw2[g])
+                x, pre, dy = x_RX[rows], pre_RF[rows], dy_RY[rows]
+                torch.mm(h_RF[rows].t(), dy, out=dw2[g])
                 torch.sum(dy, 0, out=db2[g])
-                dpre = _act_backward(dy @ w2_GHY[g].t(), pre, ctx.act)
+                dpre = _act_backward(dy @ w2_eFY[g].t(), pre, ctx.act)
                 torch.mm(x.t(), dpre, out=dw1[g])
                 torch.sum(dpre, 0, out=db1[g])
-                torch.mm(dpre, w1_GXH[g].t(), out=dx_RX[rows])
+                torch.mm(dpre, w1_eXF[g].t(), out=dx_RX[rows])
                 start += c
         return dx_RX, dw1, db1, dw2, db2, None, None
 
 
-def grouped_ffn(x_RX: torch.Tensor, w1_GXH: torch.Tensor, b1_GH: torch.Tensor, w2_GHY: torch.Tensor,
-                b2_GY: torch.Tensor, counts: list[int], act: Activation, impl: Impl = "auto") -> torch.Tensor:
+def grouped_ffn(x_RX: torch.Tensor, w1_eXF: torch.Tensor, b1_eF: torch.Tensor, w2_eFY: torch.Tensor,
+                b2_eY: torch.Tensor, counts: list[int], act: Activation, impl: Impl = "auto") -> torch.Tensor:
     """y[rows of group g] = act(x W1_g + b1_g) W2_g + b2_g: the experts' FFN and HyperMoE's adapters.
 
     The loop path runs each group's two GEMMs and activation back to back, so the group's hidden block stays
@@ -191,10 +192,10 @@ def grouped_ffn(x_RX: torch.Tensor, w1_GXH: torch.Tensor, b1_GH: torch.Tensor, w
     Args:
         act: "gelu" (exact) or "relu".
     """
-    if use_grouped_mm(x_RX, w1_GXH, impl) and (impl == "grouped_mm" or grouped_mm_applies(x_RX, w2_GHY)):
-        h_RH = _act(grouped_linear(x_RX, w1_GXH, b1_GH, counts, "grouped_mm"), act)
-        return grouped_linear(h_RH, w2_GHY, b2_GY, counts, "grouped_mm")
-    if sum(counts) != x_RX.shape[0] or len(counts) != w1_GXH.shape[0]:
-        raise ValueError(f"counts {counts} do not match {x_RX.shape[0]} rows and {w1_GXH.shape[0]} groups")
-    return _LoopFFN.apply(x_RX.contiguous(), w1_GXH.contiguous(), b1_GH.contiguous(), w2_GHY.contiguous(),
-                          b2_GY.contiguous(), counts, act)
+    if use_grouped_mm(x_RX, w1_eXF, impl) and (impl == "grouped_mm" or grouped_mm_applies(x_RX, w2_eFY)):
+        h_RF = _act(grouped_linear(x_RX, w1_eXF, b1_eF, counts, "grouped_mm"), act)
+        return grouped_linear(h_RF, w2_eFY, b2_eY, counts, "grouped_mm")
+    if sum(counts) != x_RX.shape[0] or len(counts) != w1_eXF.shape[0]:
+        raise ValueError(f"counts {counts} do not match {x_RX.shape[0]} rows and {w1_eXF.shape[0]} groups")
+    return _LoopFFN.apply(x_RX.contiguous(), w1_eXF.contiguous(), b1_eF.contiguous(), w2_eFY.contiguous(),
+                          b2_eY.contiguous(), counts, act)

@@ -15,7 +15,7 @@ The selection is taken *before* capacity dropping, so dropped tokens still get t
 Hyperfan-in initialisation makes the generated adapter start at ~0, i.e. training starts from the plain MoE.
 
 Shape legend: N tokens, D model dim, E experts, K experts per token, U distinct unselected sets,
-B adapter bottleneck (adapter_dim), I hypernetwork input dim, M expert embedding dim, R tokens sorted by set.
+A adapter bottleneck (adapter_dim), L layer-embedding width, I hypernetwork input dim, M expert embedding dim, R tokens sorted by set.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ from raymoe.moe.token.grouped import grouped_ffn
 class AdapterWeights:
     """One generated bottleneck adapter per unselected set."""
 
-    w_down_UDB: torch.Tensor
-    b_down_UB: torch.Tensor
-    w_up_UBD: torch.Tensor
+    w_down_UDA: torch.Tensor
+    b_down_UA: torch.Tensor
+    w_up_UAD: torch.Tensor
     b_up_UD: torch.Tensor
 
 
@@ -83,8 +83,8 @@ class HyperNetwork(nn.Module):
             raise IndexError(f"layer_index {layer_index} outside the hypernetwork's {self.num_layers} layers")
         layer_UL = self.layer_embed.weight[layer_index].expand(u, -1)
         h = F.relu(self.trunk(torch.cat([z_UI, layer_UL], dim=-1)))
-        return AdapterWeights(w_down_UDB=self.w_down_head(h).view(u, d, b), b_down_UB=self.b_down_head(h),
-                              w_up_UBD=self.w_up_head(h).view(u, b, d), b_up_UD=self.b_up_head(h))
+        return AdapterWeights(w_down_UDA=self.w_down_head(h).view(u, d, b), b_down_UA=self.b_down_head(h),
+                              w_up_UAD=self.w_up_head(h).view(u, b, d), b_up_UD=self.b_up_head(h))
 
 
 class HyperMoE(nn.Module):
@@ -153,8 +153,8 @@ class HyperMoE(nn.Module):
         w = self.generate(sets.unselected_UE, layer_index)
         order_R, counts = sets.order_R, sets.counts
         dt = x_ND.dtype
-        y_RD = grouped_ffn(x_ND.index_select(0, order_R), w.w_down_UDB.to(dt), w.b_down_UB.to(dt),
-                           w.w_up_UBD.to(dt), w.b_up_UD.to(dt), counts, "relu")
+        y_RD = grouped_ffn(x_ND.index_select(0, order_R), w.w_down_UDA.to(dt), w.b_down_UA.to(dt),
+                           w.w_up_UAD.to(dt), w.b_up_UD.to(dt), counts, "relu")
         if out_ND is None:
             return y_RD.new_zeros(y_RD.shape).index_copy(0, order_R, y_RD)
         return out_ND.index_add_(0, order_R, y_RD.to(out_ND.dtype))  # bf16 autocast: experts may answer in bf16

@@ -174,8 +174,8 @@ class ExpertChoiceRouter(TokenRouter):
         logits_NE = F.linear(x_ND.float(), self.proj.weight.float())
         logits_NE = logits_NE if self.temperature == 1.0 else logits_NE / self.temperature
         probs_NE = torch.softmax(logits_NE, dim=-1)
-        picked_CE = probs_NE.topk(self.capacity(n), dim=0).indices  # per expert (column): its top-C tokens
-        chosen_NE = torch.zeros_like(probs_NE, dtype=torch.bool).scatter_(0, picked_CE, True)
+        picked_QE = probs_NE.topk(self.capacity(n), dim=0).indices  # per expert (column): its top-C tokens
+        chosen_NE = torch.zeros_like(probs_NE, dtype=torch.bool).scatter_(0, picked_QE, True)
         ids_NE = torch.arange(e, device=x_ND.device).expand(n, e)
         return GateResult(probs_NE=probs_NE, weights_NK=torch.where(chosen_NE, probs_NE, 0.0),
                           experts_NK=torch.where(chosen_NE, ids_NE, -1), logits_NE=logits_NE)
