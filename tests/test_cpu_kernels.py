@@ -89,3 +89,34 @@ def test_keep_freed_memory_stops_page_faults_on_reallocation():
     default, kept = map(int, out.stdout.split())
     assert default > 10_000  # 80 MB of fresh 4 KiB pages every round
     assert kept < 100
+
+
+def test_fast_paths_are_applied_from_outside_without_changing_the_model():
+    """apply_fast_paths swaps nn.Linear's class only where the probe chose oneDNN: same parameters and state_dict,
+    the same outputs and gradients to float32 rounding, and plain F.linear under autocast."""
+    from torch import nn
+
+    from raymoe.kernels.fast_paths import OneDnnLinear, apply_fast_paths, gemm_probe
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
+    reference = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
+    reference.load_state_dict(model.state_dict())
+    decided = apply_fast_paths(model, torch.device("cpu"))
+    probe = gemm_probe(torch.get_num_threads())
+    assert probe["backend"] in ("onednn", "torch") and decided["linear"] == probe["backend"]
+    assert decided["swapped"] == (2 if probe["backend"] == "onednn" else 0)
+    assert sum(isinstance(m, OneDnnLinear) for m in model.modules()) == decided["swapped"]
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(32, 24, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y, y_ref = model(x), reference(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype, as for any nn.Linear
+        assert model(x).dtype == reference(x_ref).dtype == torch.bfloat16
+    assert apply_fast_paths(nn.Linear(3, 3), torch.device("meta"))["swapped"] == 0  # not a CPU: untouched

@@ -97,6 +97,7 @@ class Variant:
 
 
 def _variants(args, precision: str, device: torch.device) -> list[Variant]:
+    from raymoe.kernels.fast_paths import apply_fast_paths
     from raymoe.models.build import build_model
 
     out = []
@@ -107,6 +108,7 @@ def _variants(args, precision: str, device: torch.device) -> list[Variant]:
         cfg = _lm_config(arch, k, hyper, args.quick, args.device)
         torch.manual_seed(0)
         model = build_model(cfg, 256, 0, 0)
+        apply_fast_paths(model, device)
         b, t = cfg.train.batch_size, cfg.data.text.block_size
         x = torch.randint(256, (b, t), generator=g).to(device)
         y = torch.randint(256, (b, t), generator=g).to(device)
@@ -117,6 +119,7 @@ def _variants(args, precision: str, device: torch.device) -> list[Variant]:
         cfg = load_experiment(PRESETS / preset, [f"train.device={args.device}"])
         torch.manual_seed(0)
         model = build_model(cfg, 10, 1, 28)
+        apply_fast_paths(model, device)
         b = cfg.train.batch_size
         x = torch.randn(b, 1, 28, 28, generator=g).to(device)
         y = torch.randint(10, (b,), generator=g).to(device)
@@ -131,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     prepare_process(device)
     precisions = list(args.precisions)
-    header = {"bench": "lm", "device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads()}
+    from raymoe.kernels.fast_paths import apply_fast_paths
+
+    header = {"bench": "lm", "device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+              "fast_paths": apply_fast_paths(torch.nn.Sequential(), device)}
     if "bf16" in precisions and not bf16_supported(device):
         precisions.remove("bf16")
         header["bf16"] = f"skipped: {device} has no bf16 arithmetic (AVX512-BF16/AMX on CPU), so no bf16 ratios"

@@ -31,6 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from raymoe.kernels.fast_paths import apply_fast_paths
 from raymoe.moe.token.hypermoe import HyperMoE, HyperNetwork
 from raymoe.moe.token.layer import TokenMoE
 from raymoe.moe.token.routers import TopKRouter
@@ -103,6 +104,8 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
     torch.manual_seed(0)
     layer = TokenMoE(d, d_ff, e, TopKRouter(d, e, top_k=k), capacity_factor=None, impl=impl).to(device)
     dense = FeedForward(d, k * d_ff).to(device)
+    for module in (layer, dense):  # both sides get the GEMM backend the probe chose (raymoe/kernels/fast_paths.py)
+        apply_fast_paths(module, device)
     even = [n * k // e] * e
     fns = {"layer": lambda x: layer(x)[0], "dense_chunked": lambda x: _dense_chunked(dense, x, e),
            "naive": lambda x: _naive_moe(layer, x),
@@ -115,6 +118,8 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
         hyper_layer = TokenMoE(d, d_ff, e, layer.router, capacity_factor=None, impl=impl,
                                hypermoe=HyperMoE(e, hypernet).to(device)).to(device)
         hyper_layer.experts.load_state_dict(layer.experts.state_dict())
+        apply_fast_paths(hyper_layer, device)
+        apply_fast_paths(hypernet, device)
         fns["hypermoe"] = lambda x: hyper_layer(x)[0]
         params["hypermoe"] = list(hyper_layer.parameters()) + list(hypernet.parameters())
     x = torch.randn(n, d, device=device, requires_grad=True)
@@ -162,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps({"bench": "moe_layer", "device": str(device), "threads": torch.get_num_threads(),
                       "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
                       "dtype": "float32", "iters": iters, "warmup": warmup, "impl": args.impl,
-                      "grouped_mm": hasattr(torch, "_grouped_mm")}), flush=True)
+                      "grouped_mm": hasattr(torch, "_grouped_mm"),
+                      "fast_paths": apply_fast_paths(torch.nn.Sequential(), device)}), flush=True)
     for n, d, d_ff, e in sizes:
         for k in (1, 2):
             print(json.dumps(bench_size(n, d, d_ff, e, k, iters, warmup, device, args.impl,

@@ -130,7 +130,10 @@ def run(args: argparse.Namespace) -> int:
         report["speedup_vs_literal_loop"] = round(report["samples_per_s"] / literal, 2)
     from raymoe.bench.fidelity import cpu_model
 
+    from raymoe.kernels.fast_paths import gemm_probe
+
     report["cpu"] = cpu_model()
+    report["gemm_probe"] = gemm_probe(torch.get_num_threads()) if device.type == "cpu" else None
     print(json.dumps(report), flush=True)
     return 0
 

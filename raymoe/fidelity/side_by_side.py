@@ -129,6 +129,7 @@ def compare_steps(cfg: ExperimentConfig, batches: list[tuple[torch.Tensor, torch
     Returns:
         One StepGap per batch.
     """
+    from raymoe.kernels.fast_paths import apply_fast_paths
     from raymoe.models.build import build_model
     from raymoe.parallel.context import DistContext
     from raymoe.train.loop import make_optimizer
@@ -137,6 +138,7 @@ def compare_steps(cfg: ExperimentConfig, batches: list[tuple[torch.Tensor, torch
     torch.manual_seed(seed)
     literal = literal_for(cfg, num_classes)
     model = load_literal_into(build_model(cfg, num_classes, in_channels, image_size), literal).train()
+    apply_fast_paths(model, torch.device("cpu"))  # the model exactly as train_fn runs it
     opt = make_optimizer(cfg.train, model)
     lit32, lit64 = _LiteralSide(cfg, literal, torch.float32), _LiteralSide(cfg, literal, torch.float64)
     ctx = DistContext()

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.kernels.onednn_gemm import linear
 from raymoe.models.paper_experts import ConvNetSpec, conv_stages, run_conv_stages
 
 # Gate columns of the docs/paper-notes.md §1.2 table: (conv channels, BatchNorm flags, padding, fc1, H, attentive ReLU on fc2).
@@ -46,6 +45,5 @@ class GateTrunk(nn.Module):
 
     def forward(self, x_BZSS: torch.Tensor) -> torch.Tensor:
         t = run_conv_stages(self.convs, self.bns, x_BZSS)
-        # fc1 is the gate's largest GEMM (FMNIST: 1352 -> 512): oneDNN on CPU (onednn_gemm.py)
-        h_BH = linear(F.relu(linear(t.flatten(1), self.fc1.weight, self.fc1.bias)), self.fc2.weight, self.fc2.bias)
+        h_BH = self.fc2(F.relu(self.fc1(t.flatten(1))))
         return F.relu(h_BH) if self.final_relu else h_BH

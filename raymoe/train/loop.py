@@ -93,7 +93,11 @@ def build_for(cfg: ExperimentConfig, data, device: torch.device, build_args: tup
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointMismatch("train.distill_from", path,
                                      f"checkpoint does not fit this model: {str(exc).splitlines()[0]}") from None
-    return model.to(device)
+    from raymoe.kernels.fast_paths import apply_fast_paths
+
+    model = model.to(device)
+    apply_fast_paths(model, device)  # from outside, as expert parallelism (raymoe/kernels/fast_paths.py)
+    return model
 
 
 def step_settings(train: TrainConfig, total_steps: int) -> StepSettings:
