@@ -10,7 +10,8 @@ from torch import nn
 
 from raymoe.config.load import load_experiment
 from raymoe.models.build import build_gate
-from raymoe.moe.gates import AttentiveGate, NoisyTopKGate, SoftmaxGate, smooth_load
+from raymoe.moe.gates import AttentiveGate, NoisyTopKGate, SoftmaxGate
+from raymoe.moe.routing import smooth_load
 
 
 class FlatTrunk(nn.Module):
@@ -116,3 +117,29 @@ def test_smooth_load_equals_brute_force():
             expected[j] += normal.cdf((clean[i, j] - kth_excluding) / std[i, j])
     torch.testing.assert_close(smooth_load(clean, noisy, std, k), expected)
     torch.testing.assert_close(smooth_load(clean, noisy, std, e), torch.full((e,), float(n)))
+
+
+def test_one_renormalisation_rule_for_every_sparse_gate_and_router():
+    """renormalize null: renormalised over the kept experts only when k > 1, for the sample-level gates and the
+    token routers alike; an explicit value wins (docs/hypermoe-notes.md §1.3(3))."""
+    from raymoe.moe.gates import TopKGate
+    from raymoe.moe.token.routers import NoisyTopKRouter, TopKRouter
+
+    torch.manual_seed(1)
+    x = torch.randn(5, 6)
+    makers = (lambda k, r: NoisyTopKGate(FlatTrunk(6), 4, top_k=k, renormalize=r),
+              lambda k, r: TopKGate(FlatTrunk(6), 4, top_k=k, renormalize=r),
+              lambda k, r: NoisyTopKRouter(6, 4, top_k=k, renormalize=r),
+              lambda k, r: TopKRouter(6, 4, top_k=k, renormalize=r))
+    for make in makers:
+        for k, renormalize, sums_to_one in ((1, None, False), (2, None, True), (1, True, True), (2, False, False)):
+            gate = make(k, renormalize).eval()
+            with torch.no_grad():
+                for p in gate.parameters():
+                    p.normal_()
+            result = gate(x) if isinstance(gate, (NoisyTopKGate, TopKGate)) else gate(x, None)
+            total_N = result.weights_NK.sum(-1)
+            assert torch.allclose(total_N, torch.ones(5)) == sums_to_one, (make, k, renormalize)
+            torch.testing.assert_close(result.weights_NK, result.probs_NE.gather(-1, result.experts_NK) / (
+                total_N.new_ones(5) if not sums_to_one else result.probs_NE.gather(-1, result.experts_NK).sum(-1)
+            ).unsqueeze(-1))

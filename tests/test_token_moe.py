@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymoe.moe.routing import GateResult
+from raymoe.moe.routing import GateResult, smooth_load
 from raymoe.moe.token.capacity import token_capacity, within_capacity
 from raymoe.moe.token.experts import TokenExperts
 from raymoe.moe.token.grouped import grouped_linear, grouped_mm_applies
@@ -232,7 +232,7 @@ def test_noisy_topk_smooth_load_matches_resampling_one_experts_noise():
     clean = x @ router.w_gate_DE
     std = F.softplus(x @ router.w_noise_DE) + router.noise_eps
     noisy = clean + torch.randn_like(clean) * std
-    load = router._smooth_load(clean, noisy, std)
+    load = smooth_load(clean, noisy, std, k)  # the one smooth load of both levels (raymoe/moe/routing.py)
     # Shazeer eq. 9: P(e in top-k | the other experts' noisy values), estimated by redrawing e's noise only
     draws = 20000
     est = torch.zeros(e)

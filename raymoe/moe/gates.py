@@ -7,8 +7,9 @@
   when `renormalize` (default: only when k > 1, as GShard); NOTE with k = 1 and renormalisation the single weight
   is exactly 1, so the gate then gets no gradient from the task loss (only from regularisers).
 * NoisyTopKGate (Shazeer et al. 2017): H = x W_g + N(0,1) softplus(x W_noise) (+ noise_eps in the std) while
-  training only, G = softmax(KeepTopK(H, k)) (renormalised by default, as the paper's G), and the smooth load
-  estimate of their eq. 8-10 in load_E. x = ReLU(h_g(x)), the original gate's features. W_g and W_noise start
+  training only, G = softmax(KeepTopK(H, k)) (the paper's G is the renormalised top-k: raymoe's one rule,
+  routing.renormalizes, gives it for k > 1; with k = 1 the weight stays p_{i*}), and the smooth load estimate of
+  their eq. 8-10 in load_E. x = ReLU(h_g(x)), the original gate's features. W_g and W_noise start
   at zero as in the Hyper_MoE reference code, so all experts tie at first and only the noise breaks the tie.
 
 Dense gates report experts_NK = arange(E) for every item and weights_NK = probs_NE.
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.moe.routing import GateResult, standard_normal
+from raymoe.moe.routing import GateResult, renormalizes, select_top_k, smooth_load, standard_normal
 
 
 def dense_result(probs_NE: torch.Tensor, logits_NE: torch.Tensor) -> GateResult:
@@ -71,16 +72,6 @@ class AttentiveGate(nn.Module):
         return dense_result(torch.softmax(scores_BE, dim=-1), scores_BE)
 
 
-def keep_top_k(probs_NE: torch.Tensor, logits_NE: torch.Tensor, k: int, renormalize: bool,
-               load_E: torch.Tensor | None = None) -> GateResult:
-    """Top-k experts by probability (sorted, so slot 0 is the argmax expert)."""
-    weights_NK, experts_NK = probs_NE.topk(k, dim=-1)
-    if renormalize:
-        weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
-    return GateResult(probs_NE=probs_NE, weights_NK=weights_NK, experts_NK=experts_NK, logits_NE=logits_NE,
-                      load_E=load_E)
-
-
 class TopKGate(nn.Module):
     """Softmax top-k on the original gate's logits (the reference's gate_layers_top_k + KeepTopK)."""
 
@@ -93,12 +84,12 @@ class TopKGate(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
         self.trunk, self.num_experts, self.top_k, self.temperature = trunk, num_experts, top_k, temperature
-        self.renormalize = top_k > 1 if renormalize is None else renormalize
+        self.renormalize = renormalizes(renormalize, top_k)
         self.out = nn.Linear(trunk.out_features, num_experts)
 
     def forward(self, x: torch.Tensor) -> GateResult:
         logits_NE = self.out(F.relu(self.trunk(x))) / self.temperature
-        return keep_top_k(torch.softmax(logits_NE, dim=-1), logits_NE, self.top_k, self.renormalize)
+        return select_top_k(torch.softmax(logits_NE, dim=-1), logits_NE, self.top_k, self.renormalize)
 
 
 class NoisyTopKGate(nn.Module):
@@ -114,7 +105,7 @@ class NoisyTopKGate(nn.Module):
             raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
         self.trunk, self.num_experts, self.top_k = trunk, num_experts, top_k
         self.noise_eps, self.temperature, self.generator = noise_eps, temperature, generator
-        self.renormalize = True if renormalize is None else renormalize  # G = softmax(KeepTopK(H, k))
+        self.renormalize = renormalizes(renormalize, top_k)  # renormalised: G = softmax(KeepTopK(H, k))
         self.w_gate_HE = nn.Parameter(torch.zeros(trunk.out_features, num_experts))
         self.w_noise_HE = nn.Parameter(torch.zeros(trunk.out_features, num_experts))
 
@@ -128,7 +119,7 @@ class NoisyTopKGate(nn.Module):
         else:
             noisy_NE, load_E = clean_NE, None
         logits_NE = noisy_NE / self.temperature
-        result = keep_top_k(torch.softmax(logits_NE, dim=-1), logits_NE, self.top_k, self.renormalize, load_E)
+        result = select_top_k(torch.softmax(logits_NE, dim=-1), logits_NE, self.top_k, self.renormalize, load_E)
         if load_E is None:  # no noise at test: the load is the plain count of chosen experts
             counts_E = torch.bincount(result.experts_NK.reshape(-1), minlength=self.num_experts)
             result = GateResult(result.probs_NE, result.weights_NK, result.experts_NK, result.logits_NE,
@@ -138,19 +129,3 @@ class NoisyTopKGate(nn.Module):
     def draw_noise(self, like_NE: torch.Tensor) -> torch.Tensor:
         """The training noise (eq. 4's StandardNormal()); tests replace it to feed each rank its rows of one draw."""
         return standard_normal(like_NE, self.generator)
-
-
-def smooth_load(clean_NE: torch.Tensor, noisy_NE: torch.Tensor, std_NE: torch.Tensor, k: int) -> torch.Tensor:
-    """Shazeer eq. 8-10: load_e = sum_n P(expert e stays in the top k when only its own noise is redrawn)
-    = sum_n Phi((clean_ne - kth_excluding(noisy_n, k, e)) / std_ne)."""
-    n, e = clean_NE.shape
-    if k >= e:  # every expert is always kept
-        return clean_NE.new_full((e,), float(n))
-    top_NK1 = noisy_NE.topk(k + 1, dim=-1).values
-    threshold_if_in_N1 = top_NK1[:, k:k + 1]  # e in the top k: it must beat the (k+1)-th value
-    threshold_if_out_N1 = top_NK1[:, k - 1:k]  # e outside: it must beat the k-th value
-    is_in_NE = noisy_NE > threshold_if_in_N1
-    normal = torch.distributions.Normal(clean_NE.new_zeros(()), clean_NE.new_ones(()))
-    prob_NE = torch.where(is_in_NE, normal.cdf((clean_NE - threshold_if_in_N1) / std_NE),
-                          normal.cdf((clean_NE - threshold_if_out_N1) / std_NE))
-    return prob_NE.sum(0)

@@ -17,8 +17,9 @@
   experts local (no expert parallelism); gradients reach W1_e through the keys, as in the paper. No temperature
   (the paper's attentive gate has none).
 
-Token-choice routers share the selection step: top-k of the softmax probabilities, plus an optional
-aux-loss-free bias (bias_balance.py) that changes which experts are chosen but never the weights.
+Token-choice routers and the sample-level sparse gates share one selection step (raymoe/moe/routing.py
+select_top_k, with the one renormalisation rule and Shazeer's smooth load), plus an optional aux-loss-free bias
+(bias_balance.py) that changes which experts are chosen but never the weights.
 Routers compute in float32 and return the choices *before* capacity dropping (the layer applies capacity).
 
 Shape legend: N tokens, D model dim, E experts, K experts per token, H attentive key dim.
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.moe.routing import GateResult, standard_normal
+from raymoe.moe.routing import GateResult, renormalizes, select_top_k, smooth_load, standard_normal
 from raymoe.moe.token.bias_balance import BiasBalancer
 from raymoe.moe.token.experts import TokenExperts
 
@@ -59,7 +60,7 @@ class TokenChoiceRouter(TokenRouter):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k ({top_k}) must be in [1, num_experts ({num_experts})]")
         self.top_k = top_k
-        self.renormalize = top_k > 1 if renormalize is None else renormalize  # GShard renormalises top-2
+        self.renormalize = renormalizes(renormalize, top_k)
         self.balancer = BiasBalancer(num_experts, bias_balance_rate) if bias_balance_rate > 0 else None
 
     def route_logits(self, x_ND: torch.Tensor, experts: TokenExperts) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -69,16 +70,11 @@ class TokenChoiceRouter(TokenRouter):
     def forward(self, x_ND: torch.Tensor, experts: TokenExperts) -> GateResult:
         logits_NE, load_E = self.route_logits(x_ND, experts)
         probs_NE = torch.softmax(logits_NE, dim=-1)
-        # DeepSeek-V3: the bias picks the experts, the unbiased score weights them
-        scores_NE = probs_NE if self.balancer is None else self.balancer.selection_scores(probs_NE)
-        experts_NK = scores_NE.topk(self.top_k, dim=-1).indices
-        weights_NK = probs_NE.gather(-1, experts_NK)
-        if self.renormalize:
-            weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
+        scores_NE = None if self.balancer is None else self.balancer.selection_scores(probs_NE)
+        gate = select_top_k(probs_NE, logits_NE, self.top_k, self.renormalize, load_E, scores_NE)
         if self.balancer is not None:
-            self.balancer.record(experts_NK)
-        return GateResult(probs_NE=probs_NE, weights_NK=weights_NK, experts_NK=experts_NK, logits_NE=logits_NE,
-                          load_E=load_E)
+            self.balancer.record(gate.experts_NK)
+        return gate
 
 
 class TopKRouter(TokenChoiceRouter):
@@ -116,24 +112,11 @@ class NoisyTopKRouter(TokenChoiceRouter):
             clean_NE = x @ self.w_gate_DE.float()
             std_NE = F.softplus(x @ self.w_noise_DE.float()) + self.noise_eps
         noisy_NE = clean_NE + self.draw_noise(clean_NE) * std_NE if self.training else clean_NE
-        return noisy_NE / self.temperature, self._smooth_load(clean_NE, noisy_NE, std_NE)
+        return noisy_NE / self.temperature, smooth_load(clean_NE, noisy_NE, std_NE, self.top_k)
 
     def draw_noise(self, like_NE: torch.Tensor) -> torch.Tensor:
         """The training noise (Shazeer et al. eq. 4); tests replace it to feed each rank its rows of one draw."""
         return standard_normal(like_NE, self.generator)
-
-    def _smooth_load(self, clean_NE, noisy_NE, std_NE) -> torch.Tensor:
-        """Shazeer eq. 9-10: load_e = sum_n Phi((clean_ne - kth_excluding(noisy_n, k, e)) / std_ne)."""
-        k = self.top_k
-        if k >= self.num_experts:  # every expert is always chosen
-            return clean_NE.new_full((self.num_experts,), float(clean_NE.shape[0]))
-        top_NK1 = noisy_NE.topk(k + 1, dim=-1).values
-        threshold_if_in_N1, threshold_if_out_N1 = top_NK1[:, k:k + 1], top_NK1[:, k - 1:k]
-        is_in_NE = noisy_NE > threshold_if_in_N1
-        normal = torch.distributions.Normal(0.0, 1.0)
-        prob_NE = torch.where(is_in_NE, normal.cdf((clean_NE - threshold_if_in_N1) / std_NE),
-                              normal.cdf((clean_NE - threshold_if_out_N1) / std_NE))
-        return prob_NE.sum(0)
 
 
 class AttentiveRouter(TokenChoiceRouter):
