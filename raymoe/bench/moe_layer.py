@@ -104,8 +104,9 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
     torch.manual_seed(0)
     layer = TokenMoE(d, d_ff, e, TopKRouter(d, e, top_k=k), capacity_factor=None, impl=impl).to(device)
     dense = FeedForward(d, k * d_ff).to(device)
-    for module in (layer, dense):  # both sides get the GEMM backend the probe chose (raymoe/kernels/fast_paths.py)
-        apply_fast_paths(module, device)
+    # the layer as train_fn runs it (its router's nn.Linear gets the probe's backend, raymoe/kernels/fast_paths.py);
+    # the dense FFN keeps torch's GEMM, as the experts' stacked weights do: the ratio compares like with like
+    apply_fast_paths(layer, device)
     even = [n * k // e] * e
     fns = {"layer": lambda x: layer(x)[0], "dense_chunked": lambda x: _dense_chunked(dense, x, e),
            "naive": lambda x: _naive_moe(layer, x),
