@@ -89,11 +89,20 @@ def test_noisy_gates_draw_their_noise_from_an_injected_generator():
 
     torch.manual_seed(0)
     x = torch.randn(6, 5)
-    for make in (lambda g: NoisyTopKGate(FlatTrunk(5), 4, top_k=1, generator=g),
-                 lambda g: NoisyTopKRouter(5, 4, top_k=1, generator=g)):
+    for make, call in ((lambda g: NoisyTopKGate(FlatTrunk(5), 4, top_k=1, generator=g), lambda m: m(x)),
+                       (lambda g: NoisyTopKRouter(5, 4, top_k=1, generator=g), lambda m: m(x, None))):
         gate = make(torch.Generator().manual_seed(3))
         noise = gate.draw_noise(torch.zeros(6, 4))
         assert torch.equal(noise, torch.randn(6, 4, generator=torch.Generator().manual_seed(3)))
+        # two gates with equally seeded generators route a training batch identically, whatever torch's own RNG
+        twin = make(torch.Generator().manual_seed(11))
+        other = make(torch.Generator().manual_seed(11))
+        other.load_state_dict(twin.state_dict())
+        torch.manual_seed(1)
+        first = call(twin.train())
+        torch.manual_seed(2)
+        second = call(other.train())
+        assert torch.equal(first.logits_NE, second.logits_NE)
         # without a generator the noise is torch's default stream, exactly what randn_like gave before
         plain = make(None)
         torch.manual_seed(7)

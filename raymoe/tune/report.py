@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raymoe.tune.uncertainty import mean_std, summary
-from raymoe.tune.trial import (CATEGORY_TAG, PARAMS_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SWEEP_TAG, TRIAL_ID_TAG,
+from raymoe.tune.uncertainty import summary
+from raymoe.tune.trial import (CATEGORY_TAG, PARAMS_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SWEEP_TAG,
                                TRIAL_INDEX_TAG)
 
 IMAGE_TABLE_METRICS = ("test_error", "train_error", "train_loss", "mi_pred_bits", "sample_entropy_bits",
