@@ -297,7 +297,7 @@ def test_every_metric_a_sweep_may_name_is_one_the_training_loop_reports():
     from raymoe.train.loop import epoch_metrics
     from raymoe.train.step import EpochResult, evaluate
     from raymoe.train.workload import image_metric_names, lm_metric_names
-    from raymoe.tune.sweep_schema import IMAGE_ONLY, LM_ONLY, LOOP_METRICS
+    from raymoe.tune.sweep_schema import IMAGE_ONLY, LM_ONLY, LOOP_METRICS, is_reported
 
     torch.manual_seed(0)
     x, y = torch.randn(32, 6), torch.randint(0, 10, (32,))
@@ -312,6 +312,7 @@ def test_every_metric_a_sweep_may_name_is_one_the_training_loop_reports():
     reported = epoch_metrics(result, {**image_metric_names(test, test), **routing}, eval_seconds=0.1)  # with val
     expected = set(LOOP_METRICS) - set(LM_ONLY)
     assert expected <= set(reported), sorted(expected - set(reported))
+    assert sorted(k for k in reported if not is_reported(k)) == []  # and every reported key is a valid objective
 
     from raymoe.config.load import load_experiment
     from raymoe.metrics.lm import LanguageModelAccumulator
@@ -333,6 +334,7 @@ def test_every_metric_a_sweep_may_name_is_one_the_training_loop_reports():
     reported = epoch_metrics(result, {**lm_metric_names(val, val), **lm_routing}, eval_seconds=0.1)
     expected = set(LOOP_METRICS) - set(IMAGE_ONLY)
     assert expected <= set(reported), sorted(expected - set(reported))
+    assert sorted(k for k in reported if not is_reported(k)) == []
 
 
 def _staged_presets(folder: Path) -> None:

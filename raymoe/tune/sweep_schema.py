@@ -18,7 +18,7 @@ Mode = Literal["min", "max"]
 LOOP_METRICS = (
     "test_error", "train_error", "test_loss", "train_loss", "top5_error",
     "mi_pred_bits", "mi_true_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv",
-    "epoch_seconds", "train_seconds", "samples_per_s",
+    "epoch_seconds", "train_seconds", "eval_seconds", "samples_per_s", "data_fraction", "lr",
     # language models (model.arch gpt / gpt_moe)
     "val_loss", "val_perplexity", "val_bits_per_byte", "val_error", "test_perplexity", "test_bits_per_byte",
     "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits", "dead_expert_frac", "targets_per_s",
@@ -30,12 +30,14 @@ IMAGE_ONLY = ("test_error", "top5_error", "mi_pred_bits", "mi_true_bits", "impor
 PER_LAYER = ("mi_true_bits", "mi_pred_bits", "sample_entropy_bits", "usage_entropy_bits", "importance_cv", "router_z",
              "dropped_frac", "max_load_share", "dead_expert_frac", "routing_churn", "routing_ami",
              "mi_current_token_bits", "mi_next_token_bits", "mi_position_bits")
-_REPORTED = re.compile(r"^(?:layer\d+/)?(?:" + "|".join(PER_LAYER) + r"|load_share/\d+)$")
+_REPORTED = re.compile(r"^(?:layer\d+/)?(?:" + "|".join(PER_LAYER) + r"|load_share/\d+)$"
+                       r"|^reg_\w+$|^grad_norm$")  # regularizer terms; the global norm when clipping
 
 
 def is_reported(metric: str) -> bool:
-    """A metric train_fn reports: the loop's own, or a per-layer / per-expert routing key (layer1/dead_expert_frac,
-    load_share/3)."""
+    """A metric train_fn reports: the loop's own, a per-layer / per-expert routing key (layer1/dead_expert_frac,
+    load_share/3), a regularizer term (reg_importance) or grad_norm; tests/test_sweep_config.py checks both
+    directions against what train_fn reports."""
     return metric in LOOP_METRICS or bool(_REPORTED.match(metric))
 
 
