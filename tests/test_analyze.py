@@ -124,10 +124,10 @@ def test_analyze_a_vit_moe_layer_by_layer(tmp_path, tiny_fmnist_root, monkeypatc
 
 
 def test_text_exemplars_pick_each_experts_highest_weighted_tokens_in_context():
-    from raymoe.tracking.text_exemplars import exemplar_markdown, top_tokens
     from raymoe.data.text.tokenizers import ByteTokenizer
     from raymoe.models.output import ModelOutput
     from raymoe.moe.routing import GateResult
+    from raymoe.tracking.text_exemplars import exemplar_markdown, top_tokens
 
     class PipeLover(torch.nn.Module):
         """Expert 1 takes '|' with weight 0.9, expert 0 takes everything else with weight 0.9."""

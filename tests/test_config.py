@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from raymoe.errors import ConfigError
 from raymoe.config.load import apply_overrides, flatten, load_experiment, parse_override, read_yaml
+from raymoe.errors import ConfigError
 from raymoe.train.identity import run_name
 
 

@@ -111,8 +111,8 @@ def test_errors_survive_pickling_between_ray_processes():
     """Ray ships a trial's exception to the driver by pickle: the field path, value and message must survive."""
     import pickle
 
-    from raymoe.errors import ConfigError
     from raymoe.data.sources import DataError
+    from raymoe.errors import ConfigError
 
     for err in (ConfigError("gate.top_k", 3, "must be <= model.num_experts (2)"), DataError("mnist", "not found")):
         back = pickle.loads(pickle.dumps(err))

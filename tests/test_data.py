@@ -17,7 +17,6 @@ import pytest
 import torch
 from torchvision import datasets as tvd
 
-from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
 from raymoe.config.schema import DataConfig
 from raymoe.data import sources
@@ -25,6 +24,7 @@ from raymoe.data.augment import AugmentParams, apply_augment, draw_params
 from raymoe.data.batches import eval_batches, num_train_steps, train_batches
 from raymoe.data.datasets import Split, load_dataset
 from raymoe.data.stats import DATASETS
+from raymoe.errors import ConfigError
 
 CPU = torch.device("cpu")
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from ep_harness import register_shared, shared_results
-from raymoe.parallel.context import DistContext
 from raymoe.moe.dispatch import LocalDispatcher
+from raymoe.parallel.context import DistContext
 
 E = 4
 # case name -> experts_P per rank (-1 = dropped by capacity)

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymoe.errors import ConfigError
 from raymoe.config.load import apply_overrides, from_dict, load_experiment
 from raymoe.config.schema import ExperimentConfig
+from raymoe.errors import ConfigError
 from raymoe.models.build import build_lm, build_model
 from raymoe.models.gpt import GPT, build_gpt
 from raymoe.models.rope import Rotary

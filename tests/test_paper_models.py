@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config.load import load_experiment
+from raymoe.kernels.fast_conv import first_conv
 from raymoe.models.build import build_model
 from raymoe.models.distill import build_distilled
-from raymoe.kernels.fast_conv import first_conv
 from raymoe.models.moe import ExpectationMoE
 from raymoe.models.paper_experts import ConvNetSpec, PaperExperts, expert_spec
 from raymoe.models.paper_gate_nets import GateTrunk, gate_trunk_spec

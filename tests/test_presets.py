@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
+from raymoe.errors import ConfigError
 
 PAPER = Path(__file__).resolve().parents[1] / "tune_configs" / "paper"
 METHODS = ("single", "original", "original_importance", "original_ls", "attentive", "attentive_importance",

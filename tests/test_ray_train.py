@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
+from raymoe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = {"epoch_seconds", "train_seconds", "eval_seconds", "samples_per_s", "targets_per_s", "data_fraction"}

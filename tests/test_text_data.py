@@ -21,15 +21,15 @@ import pytest
 import torch
 import yaml
 
-from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
 from raymoe.config.schema import DataConfig, TextDataConfig
 from raymoe.data.text import corpus, shards
 from raymoe.data.text.dataset import bits_per_byte, load_text_dataset
 from raymoe.data.text.prepare import prepare_text_data
-from raymoe.data.text.windows import eval_windows, sample_windows
 from raymoe.data.text.splits import split_documents, split_lines, split_of
 from raymoe.data.text.tokenizers import TOKENIZER_FILE, BpeTokenizer, ByteTokenizer
+from raymoe.data.text.windows import eval_windows, sample_windows
+from raymoe.errors import ConfigError
 
 CPU = torch.device("cpu")
 FORTUNES = corpus.FORTUNES_DIR

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from raymoe.errors import ConfigError
 from raymoe.config.load import load_experiment
+from raymoe.errors import ConfigError
 from raymoe.models.vit import build_vit
 from raymoe.moe.token.layer import TokenMoE
 

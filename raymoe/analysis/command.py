@@ -133,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _log(cfg, final: Path, text: str, table: list[dict]) -> None:
     """Onto the run's MLflow run, when the store holds it."""
-    from raymoe.train.checkpoint import load_full_state
     from raymoe.tracking.mlflow_run import _retry, client_for, find_run_id
+    from raymoe.train.checkpoint import load_full_state
 
     run_name = (load_full_state(final)[1] or {}).get("run_name")
     run_id = find_run_id(cfg.tracking.uri, cfg.tracking.experiment, run_name) if run_name else None

@@ -68,8 +68,8 @@ def trial_breakdown(client, run, timing: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from raymoe.tracking.mlflow_run import client_for
-    from raymoe.tune.driver import run_sweep
     from raymoe.tracking.sweep_runs import sweep_children
+    from raymoe.tune.driver import run_sweep
     from raymoe.tune.sweep_load import load_sweep
 
     scratch = Path(tempfile.mkdtemp(prefix="raymoe-bench-tune-"))

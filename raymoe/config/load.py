@@ -16,8 +16,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
-from raymoe.errors import ConfigError
 from raymoe.config.schema import LM_ARCHS, SPARSE_GATES, TOKEN_MOE_ARCHS, ExperimentConfig
+from raymoe.errors import ConfigError
 
 T = TypeVar("T")
 _MISSING = object()

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.errors import ConfigError
 from raymoe.config.schema import ExperimentConfig
+from raymoe.errors import ConfigError
 from raymoe.models.blocks import run_blocks
 from raymoe.models.output import ModelOutput
 from raymoe.models.rope import Rotary

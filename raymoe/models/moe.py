@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from raymoe.models.output import ModelOutput
-from raymoe.moe.expert_stack import ExpertStack
 from raymoe.moe.dispatch import LocalDispatcher
+from raymoe.moe.expert_stack import ExpertStack
 
 
 class ExpectationMoE(nn.Module):

@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from raymoe.moe.dispatch import DispatchMeta, inverse_permutation, put_rows, sort_pairs, take_rows
 from raymoe.parallel.collectives import in_graph
 from raymoe.parallel.comm_meter import METER
-from raymoe.moe.dispatch import DispatchMeta, inverse_permutation, put_rows, sort_pairs, take_rows
 
 
 def _remote_bytes(rows: torch.Tensor, splits: list[int], group) -> int:

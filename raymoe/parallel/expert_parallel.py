@@ -16,12 +16,12 @@ import torch.distributed as dist
 from torch import nn
 
 from raymoe.errors import ConfigError
+from raymoe.moe.dispatch import LocalDispatcher
 from raymoe.moe.expert_stack import ExpertStack, expert_parameter_names
 from raymoe.parallel.all_to_all import AllToAllDispatcher
 from raymoe.parallel.batchnorm import globalize_batchnorm
 from raymoe.parallel.comm_meter import METER
 from raymoe.parallel.context import DistContext
-from raymoe.moe.dispatch import LocalDispatcher
 
 _BUCKET_BYTES = 64 * 2**20  # one all-reduce per 64 MiB of gradients
 _GROUPS: dict[tuple, tuple] = {}  # (world group id, world, ep) -> (ep_group, replica_group) of this rank

@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from raymoe.errors import ConfigError
 from raymoe.config.load import check_on_this_machine
 from raymoe.config.schema import LM_ARCHS, ExperimentConfig, TrainConfig
+from raymoe.errors import ConfigError
 from raymoe.parallel.context import DistContext
-from raymoe.tracking.mlflow_run import NullRun, TrackedRun
 from raymoe.runtime import epoch_seed, pick_device, prepare_process, seed_everything
+from raymoe.tracking.mlflow_run import NullRun, TrackedRun
 from raymoe.train.run_spec import RunSpec
 from raymoe.train.step import EpochResult, StepSettings, TrainingDiverged, post_step_hooks, train_epoch
 
@@ -365,9 +365,9 @@ def text_exemplars(model: nn.Module, work) -> str:
 
 def exemplar_figures(model: nn.Module, work) -> dict:
     """Per gate (layer): each expert's 8 highest-weighted test images (docs/observatory.md)."""
-    from raymoe.tracking.exemplars import exemplar_figure, top_images
     from raymoe.data.batches import eval_batches
     from raymoe.data.stats import dataset_info
+    from raymoe.tracking.exemplars import exemplar_figure, top_images
 
     test = work.data.test
     info = dataset_info(work.data.name)

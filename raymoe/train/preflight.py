@@ -4,8 +4,8 @@ after an epoch of training."""
 
 from __future__ import annotations
 
-from raymoe.errors import ConfigError
 from raymoe.config.schema import ExperimentConfig
+from raymoe.errors import ConfigError
 from raymoe.tracking.store_check import folder_problem, tracking_problem
 
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from raymoe.errors import ConfigError
 from raymoe.config.schema import LM_ARCHS, ExperimentConfig
+from raymoe.errors import ConfigError
 from raymoe.parallel.context import DistContext
 from raymoe.runtime import epoch_seed
 

@@ -184,8 +184,8 @@ def _tune_config(sweep: Sweep, concurrency: int, sweep_dir: Path):
     from ray.tune.search.optuna import OptunaSearch
 
     from raymoe.config.load import flatten, to_dict
-    from raymoe.tune.searcher import SeedRepeatSearch
     from raymoe.tune.points import DefineByRun
+    from raymoe.tune.searcher import SeedRepeatSearch
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE group/multivariate
     cfg = sweep.config
@@ -263,8 +263,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, address: str | None = None,
     import ray
     import ray.tune
 
-    from raymoe.tracking.store_check import folder_problem, tracking_problem
     from raymoe.tracking import sweep_runs
+    from raymoe.tracking.store_check import folder_problem, tracking_problem
     from raymoe.tune.report import build_report
     from raymoe.tune.trial import TrialPlan, run_trial
 

@@ -57,9 +57,9 @@ def register_best(uri: str, report, name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raymoe.tracking.sweep_runs import read_state
     from raymoe.tracking.uri import absolute_tracking_uri
     from raymoe.tune.driver import DEFAULT_STORAGE, sweep_dir_for
-    from raymoe.tracking.sweep_runs import read_state
     from raymoe.tune.report import build_report, format_report
 
     if args.register is not None:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raymoe.errors import ConfigError
 from raymoe.data.text import shards
 from raymoe.data.text.prepare import prepare_text_data
 from raymoe.data.text.tokenizers import TextTokenizer, load_tokenizer
 from raymoe.data.text.windows import eval_windows
+from raymoe.errors import ConfigError
 
 
 @dataclass

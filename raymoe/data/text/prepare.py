@@ -18,12 +18,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-from raymoe.errors import ConfigError
 from raymoe.data.sources import data_root
 from raymoe.data.text import shards
 from raymoe.data.text.sources import corpus_folder, fingerprint_inputs, read_texts
 from raymoe.data.text.splits import SPLITS
 from raymoe.data.text.tokenizers import TOKENIZER_FILE, new_tokenizer
+from raymoe.errors import ConfigError
 
 RULES_VERSION = 1  # bump when the split rules or the document format change: old caches are then rebuilt
 

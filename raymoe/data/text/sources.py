@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from raymoe.errors import ConfigError
 from raymoe.data.text.corpus import FORTUNES_DIR, FORTUNES_PACKAGE, corpus_documents, fortune_files
 from raymoe.data.text.splits import SPLITS, TEST_BUCKET, VAL_BUCKET, bucket, split_documents, split_lines
+from raymoe.errors import ConfigError
 
 HF_VAL_NAMES = ("validation", "valid", "val")
 

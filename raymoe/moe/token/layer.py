@@ -25,6 +25,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from raymoe.moe.dispatch import LocalDispatcher
 from raymoe.moe.routing import GateResult
 from raymoe.moe.token.capacity import token_capacity, within_capacity
 from raymoe.moe.token.experts import TokenExperts
@@ -32,7 +33,6 @@ from raymoe.moe.token.grouped import Impl
 from raymoe.moe.token.hypermoe import HyperMoE
 from raymoe.moe.token.routers import TokenRouter
 from raymoe.moe.token.shared import shared_experts
-from raymoe.moe.dispatch import LocalDispatcher
 
 
 class TokenMoE(nn.Module):
