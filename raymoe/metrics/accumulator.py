@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from raymoe.metrics.specialization import coefficient_of_variation, entropy_bits, mutual_information_bits
+from raymoe.metrics.stability import FirstItems
 from raymoe.models.output import ModelOutput
 from raymoe.parallel.context import DistContext
 
@@ -41,9 +42,8 @@ class _GateSums:
 
     def __init__(self, num_experts: int, num_classes: int, device: torch.device, keep_items: int = 0):
         f64 = dict(dtype=torch.float64, device=device)
-        self.num_experts, self.keep_items = num_experts, keep_items
-        self.first_top1: list[torch.Tensor] = []  # top-1 expert of this rank's first keep_items items (stability)
-        self.kept = 0
+        self.num_experts = num_experts
+        self.first = FirstItems(keep_items)  # top-1 expert of this rank's first keep_items items (stability)
         self.scalars = torch.zeros(len(_GATE_SCALARS), **f64)
         self.probs_E = torch.zeros(num_experts, **f64)
         self.load_E = torch.zeros(num_experts, **f64)
@@ -77,9 +77,7 @@ class _GateSums:
         self.pred_EC += torch.bincount(top1_N * c + preds_N, minlength=e * c).view(e, c).double()
         bins_N = (ent_N / _hist_top(e) * HIST_BINS).floor().long().clamp(0, HIST_BINS - 1)
         self.hist += torch.bincount(bins_N, minlength=HIST_BINS).double()
-        if self.kept < self.keep_items:
-            self.first_top1.append(top1_N[:self.keep_items - self.kept].cpu())
-            self.kept += self.first_top1[-1].numel()
+        self.first.keep(top1_N)
 
     def metrics(self) -> dict[str, float]:
         items, entropy_sum, z_sum, dropped_sum, dropped_items = self.scalars.tolist()
@@ -206,7 +204,7 @@ class SpecializationAccumulator:
 
     def first_top1(self) -> list[np.ndarray]:
         """Per gate (layer), the top-1 expert of this rank's first keep_items routed items, in evaluation order."""
-        return [torch.cat(g.first_top1).numpy() if g.first_top1 else np.zeros(0, np.int64) for g in self.gates]
+        return [g.first.array() for g in self.gates]
 
     def matrices(self) -> dict[str, np.ndarray]:
         """Arrays for the figures; token-level ones are prefixed "layer{i}/"."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from raymoe.metrics.specialization import entropy_bits, mutual_information_bits
+from raymoe.metrics.stability import FirstItems
 from raymoe.models.output import ModelOutput
 from raymoe.parallel.context import DistContext
 
@@ -29,8 +30,7 @@ LAYER_KEYS = ("usage_entropy_bits", "sample_entropy_bits", "mi_current_token_bit
 class _LayerSums:
     def __init__(self, num_experts: int, vocab: int, device: torch.device, keep_items: int = 0):
         f64 = dict(dtype=torch.float64, device=device)
-        self.keep_items, self.kept = keep_items, 0
-        self.first_top1: list[torch.Tensor] = []  # top-1 expert of this rank's first keep_items tokens (stability)
+        self.first = FirstItems(keep_items)  # top-1 expert of this rank's first keep_items tokens (stability)
         self.scalars = torch.zeros(5, **f64)  # tokens, entropy sum, z^2 sum, dropped sum, tokens with a dropped stat
         self.probs_E = torch.zeros(num_experts, **f64)
         self.load_E = torch.zeros(num_experts, **f64)
@@ -59,9 +59,7 @@ class _LayerSums:
         self.next_EV += torch.bincount(top1_N * v + next_N, minlength=e * v).view(e, v).double()
         p = POSITION_BUCKETS
         self.pos_Et += torch.bincount(top1_N * p + pos_N, minlength=e * p).view(e, p).double()
-        if self.kept < self.keep_items:
-            self.first_top1.append(top1_N[:self.keep_items - self.kept].cpu())
-            self.kept += self.first_top1[-1].numel()
+        self.first.keep(top1_N)
 
     def metrics(self) -> dict[str, float]:
         tokens, ent, z, dropped, has = self.scalars.tolist()
@@ -137,8 +135,7 @@ class LanguageModelAccumulator:
 
     def first_top1(self) -> list[np.ndarray]:
         """Per layer: the top-1 expert of this rank's first keep_items evaluation tokens (routing stability)."""
-        return [torch.cat(layer.first_top1).numpy() if layer.first_top1 else np.zeros(0, np.int64)
-                for layer in self.layers]
+        return [layer.first.array() for layer in self.layers]
 
     def matrices(self, top_tokens: int = 32) -> dict[str, np.ndarray]:
         """Per layer: expert x most frequent current tokens (counts) and the token ids, for the heatmaps."""

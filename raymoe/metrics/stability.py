@@ -75,3 +75,20 @@ def adjusted_mutual_information(a_N: np.ndarray, b_N: np.ndarray) -> float:
     mi, emi = mutual_information(table_RC), expected_mutual_information(a_R, b_C, n)
     denominator = max(h_a, h_b) - emi
     return float((mi - emi) / denominator) if denominator > 1e-12 else 0.0
+
+
+class FirstItems:
+    """The top-1 expert of the first `limit` items an evaluation routes on this rank, kept across its batches: the
+    fixed items two evaluations are compared on (churn, AMI)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.count, self.parts = limit, 0, []
+
+    def keep(self, top1_N: torch.Tensor) -> None:
+        if self.count < self.limit:
+            self.parts.append(top1_N[:self.limit - self.count].cpu())
+            self.count += self.parts[-1].numel()
+
+    def array(self) -> np.ndarray:
+        return torch.cat(self.parts).numpy() if self.parts else np.zeros(0, np.int64)
+
