@@ -312,15 +312,13 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     _require(t.max_steps is None or t.tokens is None, "train.tokens", t.tokens,
              f"give train.max_steps ({t.max_steps}) or train.tokens, not both")
     _require(t.eval_every >= 1, "train.eval_every", t.eval_every, "must be >= 1")
-    if t.precision == "bf16":
-        from raymoe.runtime import bf16_supported, pick_device
+    device = None
+    if t.precision == "bf16" and (s.num_workers == 0 or not s.use_gpu):  # GPU workers check their own (train_fn)
+        from raymoe.runtime import pick_device
 
-        device = pick_device(t.device) if s.num_workers == 0 or not s.use_gpu else None
-        _require(device is None or bf16_supported(device), "train.precision", t.precision,
-                 f"this machine's {device} has no bf16 arithmetic (AVX512-BF16/AMX on CPU, or a GPU that supports "
-                 f"it); use fp32")
+        device = pick_device(t.device)
+    check_on_this_machine(cfg, device)
     if t.distill_from is not None:
-        _require(Path(t.distill_from).exists(), "train.distill_from", t.distill_from, "checkpoint not found")
         _require(m.arch == "moe" and g.kind == "softmax", "train.distill_from", t.distill_from,
                  "distillation trains a new original gate: needs model.arch moe and gate.kind softmax")
     _require(s.num_workers >= 0, "scaling.num_workers", s.num_workers, "must be >= 0")
@@ -435,18 +433,18 @@ def _check_text_data(cfg: ExperimentConfig) -> int:
 
 
 def check_on_this_machine(cfg: ExperimentConfig, device) -> None:
-    """The checks that depend on the machine a worker runs on (its device, its files), made again there: a Ray
-    worker on another node may lack what the driver had."""
+    """The checks that depend on the machine (its device, its files): made by check_experiment where the config is
+    read, and again by train_fn on each worker, which may run on another node. device None: bf16 not checked."""
     t = cfg.train
-    if t.precision == "bf16":
+    if t.precision == "bf16" and device is not None:
         from raymoe.runtime import bf16_supported
 
         _require(bf16_supported(device), "train.precision", t.precision,
-                 f"this worker's {device} has no bf16 arithmetic (AVX512-BF16/AMX on CPU, or a GPU that supports "
+                 f"this machine's {device} has no bf16 arithmetic (AVX512-BF16/AMX on CPU, or a GPU that supports "
                  f"it); use fp32")
     if t.distill_from is not None:
         _require(Path(t.distill_from).exists(), "train.distill_from", t.distill_from,
-                 "checkpoint not found on this worker's machine")
+                 "checkpoint not found on this machine")
 
 
 def load_experiment(path: str | os.PathLike | None = None, overrides: list[str] | dict[str, Any] = (),
