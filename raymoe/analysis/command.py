@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from raymoe.errors import ConfigError
 
@@ -49,8 +50,17 @@ def resolve(target: str, checkpoint_dir: str) -> tuple[Path, dict[int, Path]]:
     return epochs[max(epochs)], epochs
 
 
-def _checkpoint(folder: Path):
-    """(weights, the resolved config, the interval it was saved after) of one checkpoint."""
+class Saved(NamedTuple):
+    """One checkpoint as read once: weights, resolved config, the interval it was saved after, its run's name."""
+
+    state: dict
+    cfg: Any
+    epoch: int
+    run_name: str | None
+
+
+def _checkpoint(folder: Path) -> Saved:
+    """The checkpoint in `folder`; ConfigError unless its model is an MoE this command analyses."""
     from raymoe.config.load import load_experiment
     from raymoe.train.checkpoint import load_full_state
 
@@ -59,7 +69,7 @@ def _checkpoint(folder: Path):
     if cfg.model.arch not in ANALYZED_ARCHS:
         raise ConfigError("target", str(folder), f"counterfactual routing needs an MoE (model.arch "
                                                  f"{', '.join(ANALYZED_ARCHS)}); this run is {cfg.model.arch}")
-    return state, cfg, int(extra.get("epoch", 0))
+    return Saved(state, cfg, int(extra.get("epoch", 0)), extra.get("run_name"))
 
 
 def _model(cfg, state: dict, build_args: tuple | None):
@@ -100,16 +110,17 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.analysis.counterfactual import counterfactual_table, token_counterfactual_table
 
     final, epochs = resolve(args.target, args.checkpoint_dir)
-    state, cfg, final_epoch = _checkpoint(final)
+    saved = _checkpoint(final)
+    cfg, final_epoch = saved.cfg, saved.epoch
     early_epoch = args.early_epoch if args.early_epoch is not None else min(epochs, default=None)
     if args.early_epoch is not None and args.early_epoch not in epochs:
         raise ConfigError("--early-epoch", args.early_epoch, f"no checkpoint of that epoch kept; kept: {sorted(epochs)}")
     batches, described, build_args = _test_batches(cfg)
-    model = _model(cfg, state, build_args)
+    model = _model(cfg, saved.state, build_args)
     early = None
     if early_epoch is not None and early_epoch != final_epoch:
-        early_state, early_cfg, _ = _checkpoint(epochs[early_epoch])
-        early = _model(early_cfg, early_state, build_args)
+        earlier = _checkpoint(epochs[early_epoch])
+        early = _model(earlier.cfg, earlier.state, build_args)
     if cfg.model.arch == "moe":
         table = counterfactual_table(model, batches, seed=args.seed, early=early)
     else:  # one MoE layer replaced at a time
@@ -127,16 +138,14 @@ def run(args: argparse.Namespace) -> int:
     text = "\n".join(lines)
     print(text)
     if not args.no_log:
-        _log(cfg, final, text, table)
+        _log(cfg, saved.run_name, text, table)
     return 0
 
 
-def _log(cfg, final: Path, text: str, table: list[dict]) -> None:
+def _log(cfg, run_name: str | None, text: str, table: list[dict]) -> None:
     """Onto the run's MLflow run, when the store holds it."""
     from raymoe.tracking.mlflow_run import _retry, client_for, find_run_id
-    from raymoe.train.checkpoint import load_full_state
 
-    run_name = (load_full_state(final)[1] or {}).get("run_name")
     run_id = find_run_id(cfg.tracking.uri, cfg.tracking.experiment, run_name) if run_name else None
     if run_id is None:
         print(f"(no MLflow run {run_name!r} in {cfg.tracking.uri}; not logged)")
