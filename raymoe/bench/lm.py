@@ -134,10 +134,10 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     prepare_process(device)
     precisions = list(args.precisions)
-    from raymoe.kernels.fast_paths import apply_fast_paths
+    from raymoe.kernels.fast_paths import gemm_choice
 
     header = {"bench": "lm", "device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads(),
-              "fast_paths": apply_fast_paths(torch.nn.Sequential(), device)}
+              "gemm": gemm_choice(device)}
     if "bf16" in precisions and not bf16_supported(device):
         precisions.remove("bf16")
         header["bf16"] = f"skipped: {device} has no bf16 arithmetic (AVX512-BF16/AMX on CPU), so no bf16 ratios"

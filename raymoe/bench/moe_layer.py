@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from raymoe.kernels.fast_paths import apply_fast_paths
+from raymoe.kernels.fast_paths import apply_fast_paths, gemm_choice
 from raymoe.moe.token.hypermoe import HyperMoE, HyperNetwork
 from raymoe.moe.token.layer import TokenMoE
 from raymoe.moe.token.routers import TopKRouter
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                       "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
                       "dtype": "float32", "iters": iters, "warmup": warmup, "impl": args.impl,
                       "grouped_mm": hasattr(torch, "_grouped_mm"),
-                      "fast_paths": apply_fast_paths(torch.nn.Sequential(), device)}), flush=True)
+                      "gemm": gemm_choice(device)}), flush=True)
     for n, d, d_ff, e in sizes:
         for k in (1, 2):
             print(json.dumps(bench_size(n, d, d_ff, e, k, iters, warmup, device, args.impl,

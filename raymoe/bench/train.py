@@ -130,10 +130,10 @@ def run(args: argparse.Namespace) -> int:
         report["speedup_vs_literal_loop"] = round(report["samples_per_s"] / literal, 2)
     from raymoe.bench.fidelity import cpu_model
 
-    from raymoe.kernels.fast_paths import gemm_probe
+    from raymoe.kernels.fast_paths import gemm_choice
 
     report["cpu"] = cpu_model()
-    report["gemm_probe"] = gemm_probe(torch.get_num_threads()) if device.type == "cpu" else None
+    report["gemm"] = gemm_choice(device)
     print(json.dumps(report), flush=True)
     return 0
 

@@ -31,14 +31,12 @@ class OneDnnLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def _time_ms(fn, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        x.grad = w.grad = b.grad = None
-        start = time.perf_counter()
-        fn(x, w, b).sum().backward()
-        out.append((time.perf_counter() - start) * 1e3)
-    return out
+def _time_ms(fn, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
+    """Milliseconds of one forward + backward of fn(x, w, b)."""
+    x.grad = w.grad = b.grad = None
+    start = time.perf_counter()
+    fn(x, w, b).sum().backward()
+    return (time.perf_counter() - start) * 1e3
 
 
 @functools.lru_cache(maxsize=None)
@@ -55,24 +53,29 @@ def gemm_probe(threads: int) -> dict:
     times: dict[str, list[float]] = {"torch": [], "onednn": []}
     for rep in range(6):
         for name, fn in (("torch", F.linear), ("onednn", linear)):
-            ms = _time_ms(fn, x, w, b, 1)
+            ms = _time_ms(fn, x, w, b)
             if rep:  # the first round warms both up
-                times[name] += ms
+                times[name].append(ms)
     med = {name: statistics.median(v) for name, v in times.items()}
     return {"backend": "onednn" if med["onednn"] < med["torch"] else "torch", "threads": threads,
             "shape": list(PROBE_SHAPE), "torch_ms": round(med["torch"], 3), "onednn_ms": round(med["onednn"], 3)}
 
 
-def apply_fast_paths(model: nn.Module, device: torch.device) -> dict:
-    """Swap every plain nn.Linear of `model` for OneDnnLinear on a CPU where the probe chose oneDNN; returns
-    what was decided ({"linear": backend, "swapped": count, "probe": ...}) for logs and benchmarks."""
+def gemm_choice(device: torch.device) -> dict:
+    """The linear layers' GEMM backend on `device` and why (the probe's timings on a CPU), for logs and benches."""
     if device.type != "cpu":
-        return {"linear": "torch", "swapped": 0, "why": f"{device.type}: the device's own GEMMs"}
-    probe = gemm_probe(torch.get_num_threads())
+        return {"backend": "torch", "why": f"{device.type}: the device's own GEMMs"}
+    return gemm_probe(torch.get_num_threads())
+
+
+def apply_fast_paths(model: nn.Module, device: torch.device) -> dict:
+    """Swap every plain nn.Linear of `model` for OneDnnLinear where gemm_choice picked oneDNN; returns
+    {"linear": backend, "swapped": count}."""
+    backend = gemm_choice(device)["backend"]
     swapped = 0
-    if probe["backend"] == "onednn":
+    if backend == "onednn":
         for module in model.modules():
             if type(module) is nn.Linear:
                 module.__class__ = OneDnnLinear
                 swapped += 1
-    return {"linear": probe["backend"], "swapped": swapped, "probe": probe}
+    return {"linear": backend, "swapped": swapped}
