@@ -58,7 +58,19 @@ class RoutingStability:
             self.previous = [np.asarray(a, dtype=np.int64) for a in state["routing_top1"]]
 
 
-class ImageWorkload:
+class _ResumableRouting:
+    """What a resumed run of either workload needs besides the weights: the last evaluation's routing."""
+
+    stability: RoutingStability
+
+    def state(self) -> dict:
+        return self.stability.state()
+
+    def restore(self, state: dict) -> None:
+        self.stability.restore(state)
+
+
+class ImageWorkload(_ResumableRouting):
     """The paper's data sets and the ViT: one interval = one epoch over the training set (MLflow step = epoch)."""
 
     kind = "image"
@@ -118,13 +130,6 @@ class ImageWorkload:
     def progress(self, interval: int) -> str:
         return f"epoch {interval}/{self.intervals}"
 
-    def state(self) -> dict:
-        """What a resumed run needs besides the weights: the last evaluation's routing (stability)."""
-        return self.stability.state()
-
-    def restore(self, state: dict) -> None:
-        self.stability.restore(state)
-
     def dataset_summary(self):
         from raymoe.tracking.native import DatasetSummary, tensor_digest
 
@@ -138,7 +143,7 @@ class ImageWorkload:
         return self.data.test.x[:2], self.data.num_classes
 
 
-class TextWorkload:
+class TextWorkload(_ResumableRouting):
     """Language modelling: random windows sampled on the device; one interval = train.eval_every optimizer steps,
     then the fixed validation windows are scored (MLflow step = optimizer steps done)."""
 
@@ -226,12 +231,6 @@ class TextWorkload:
 
     def progress(self, interval: int) -> str:
         return f"step {self.mlflow_step(interval)}/{self.total_steps}"
-
-    def state(self) -> dict:
-        return self.stability.state()
-
-    def restore(self, state: dict) -> None:
-        self.stability.restore(state)
 
     def dataset_summary(self):
         from raymoe.tracking.native import DatasetSummary, tensor_digest
