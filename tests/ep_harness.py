@@ -139,9 +139,10 @@ def shared_results(name: str, root: str | os.PathLike) -> list[Any]:
         for n in pending:
             _SHARED_RESULTS[n] = [r[n] for r in per_rank]
     results = _SHARED_RESULTS[name]
-    for rank, result in enumerate(results):
-        if isinstance(result, dict) and _FAILED in result:
-            raise AssertionError(f"{name} failed on rank {rank}:\n{result[_FAILED]}")
+    failed = [f"{name} failed on rank {rank}:\n{result[_FAILED]}" for rank, result in enumerate(results)
+              if isinstance(result, dict) and _FAILED in result]
+    if failed:  # every rank's traceback: a rank that waits in a collective is usually not the one that broke
+        raise AssertionError("\n".join(failed))
     return results
 
 
