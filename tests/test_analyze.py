@@ -84,9 +84,9 @@ def test_counterfactual_router_modes_keep_what_they_promise():
     from raymoe.moe.routing import GateResult
 
     class Fixed(torch.nn.Module):
-        token_choice, num_experts = True, 4
+        token_choice, num_experts, needs_expert_hidden = True, 4, False
 
-        def forward(self, x, experts):
+        def forward(self, x, expert_keys=None):
             logits = torch.arange(24.0).view(6, 4) % 5
             probs = logits.softmax(-1)
             w, e = probs.topk(2, dim=-1)

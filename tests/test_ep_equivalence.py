@@ -9,7 +9,7 @@ and BatchNorm running statistics (gate-trunk BatchNorm runs as GlobalBatchNorm o
 specialization accumulator over the ranks' evaluation shards equals the single-process numbers.
 
 Noisy top-k: both sides draw the noise from one seeded generator for the GLOBAL batch and each rank feeds its rows
-to the gate through the gate's own noise seam (NoisyTopKGate.draw_noise).
+to the gate through the gate's own noise seam (NoisyRouter.draw_noise).
 Tolerance 1e-5 (float32).
 """
 

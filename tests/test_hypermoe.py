@@ -18,7 +18,7 @@ from raymoe.models.vit import build_vit
 from raymoe.moe.routing import GateResult
 from raymoe.moe.token.hypermoe import HyperMoE, HyperNetwork
 from raymoe.moe.token.layer import TokenMoE
-from raymoe.moe.token.routers import TokenRouter, TopKRouter
+from raymoe.moe.routers import LinearRouter, Router
 
 D, FF, E = 16, 32, 6
 
@@ -90,7 +90,7 @@ def test_adapter_depends_only_on_the_unselected_set():
 def test_router_probabilities_do_not_enter_the_hyperexpert():
     torch.manual_seed(2)
     hm = _hyper()
-    router = TopKRouter(D, E, top_k=2)
+    router = LinearRouter(D, E, top_k=2)
     x = torch.randn(25, D)
     gate = router(x, None)
     y = hm(x, gate.experts_NK, layer_index=1)
@@ -106,7 +106,7 @@ def test_router_probabilities_do_not_enter_the_hyperexpert():
 def test_hyperexpert_starts_near_zero():
     torch.manual_seed(3)
     hypernet = HyperNetwork(2, D, adapter_dim=8)  # hyperfan-in init, code defaults elsewhere
-    layer = TokenMoE(D, FF, E, TopKRouter(D, E, top_k=1), hypermoe=HyperMoE(E, hypernet), layer_index=1)
+    layer = TokenMoE(D, FF, E, LinearRouter(D, E, top_k=1), hypermoe=HyperMoE(E, hypernet), layer_index=1)
     x = torch.randn(64, D)
     y, gate, _ = layer(x)
     y_hyper = layer.hypermoe(x, gate.experts_NK, 1)
@@ -114,11 +114,11 @@ def test_hyperexpert_starts_near_zero():
     assert y_hyper.abs().max() > 0
 
 
-class _DropRouter(TokenRouter):
+class _DropRouter(Router):
     def __init__(self):
-        super().__init__(E)
+        super().__init__(E, top_k=1)
 
-    def forward(self, x_ND, experts):
+    def forward(self, x_ND, expert_keys=None):
         n = x_ND.shape[0]
         ids = torch.zeros(n, 1, dtype=torch.long)  # everyone picks expert 0
         probs = torch.full((n, E), 1.0 / E)

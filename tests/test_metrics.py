@@ -18,7 +18,7 @@ from raymoe.metrics.accumulator import SpecializationAccumulator
 from raymoe.metrics.specialization import (coefficient_of_variation, entropy_bits, mutual_information_bits,
                                            sample_entropy_bits, usage_entropy_bits)
 from raymoe.models.output import ModelOutput
-from raymoe.moe.gates import dense_result
+from raymoe.moe.routing import dense_result
 from raymoe.moe.routing import GateResult
 from raymoe.parallel.context import DistContext
 

@@ -16,7 +16,7 @@ from raymoe.models.distill import build_distilled
 from raymoe.models.moe import ExpectationMoE
 from raymoe.models.paper_experts import ConvNetSpec, PaperExperts, expert_spec
 from raymoe.models.paper_gate_nets import GateTrunk, gate_trunk_spec
-from raymoe.moe.gates import SoftmaxGate, TopKGate
+from raymoe.moe.routers import LinearRouter
 
 # 8x8 RGB, two conv stages (8 -> 4 -> 2), BatchNorm on the second: the CIFAR layout in miniature
 TINY_BN = ConvNetSpec(in_channels=3, image_size=8, channels=(2, 3), batchnorm=(False, True), padding=1, fc1=6,
@@ -222,8 +222,8 @@ def test_dense_moe_is_the_gate_weighted_expectation_and_output_softmax():
         assert torch.equal(out.selected_pred_B, f_EBY[top, torch.arange(5), :10].argmax(1))
         if kind == "attentive":  # docs/paper-notes.md §2 by hand from the reference experts' hidden layers
             gate = model.gate
-            q = gate.trunk(x) @ gate.w_q.weight.t()
-            k = f_EBY[..., 10:] @ gate.w_k.weight.t()
+            q = F.relu(gate.trunk(x)) @ gate.router.w_q.weight.t()  # FMNIST: the attentive query has ReLU
+            k = f_EBY[..., 10:] @ gate.router.w_k.weight.t()
             a = torch.einsum("bh,ebh->be", q, k) / math.sqrt(32)
             torch.testing.assert_close(g, torch.softmax(a, 1), rtol=1e-5, atol=1e-6)
 
@@ -240,7 +240,7 @@ def test_topk_equals_dense_masked_and_renormalised(k, renorm):
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     # reference: all experts on all samples, gate probabilities masked to the top k
-    logits = model.gate.out(F.relu(model.gate.trunk(x)))
+    logits = model.gate.router.proj(F.relu(model.gate.trunk(x)))
     p = torch.softmax(logits, 1)
     mask = torch.zeros_like(p).scatter(1, p.topk(k, 1).indices, 1.0)
     w = p * mask
@@ -255,7 +255,7 @@ def test_topk_equals_dense_masked_and_renormalised(k, renorm):
         torch.testing.assert_close(grads.get(n, torch.zeros_like(prm)), g_ref, rtol=1e-4, atol=1e-6, msg=n)
     if k == 1 and renorm:
         assert torch.equal(out.gates[0].weights_NK, torch.ones(9, 1))  # documented: weight 1, no task gradient
-        assert model.gate.out.weight.grad.abs().max() < 1e-6  # p / p: zero up to rounding
+        assert model.gate.router.proj.weight.grad.abs().max() < 1e-6  # p / p: zero up to rounding
 
 
 def test_sparse_moe_runs_only_chosen_experts():
@@ -299,7 +299,7 @@ def test_distillation_freezes_experts_and_copies_the_trunk():
     attentive(torch.randn(8, 1, 28, 28))  # BatchNorm running stats of the trunk move
     state = attentive.state_dict()
     model = build_distilled(cfg_for(), state, 10, 1, 28)
-    assert isinstance(model, ExpectationMoE) and isinstance(model.gate, SoftmaxGate)
+    assert isinstance(model, ExpectationMoE) and isinstance(model.gate.router, LinearRouter) and model.gate.dense
     for name, t in model.experts.state_dict().items():
         assert torch.equal(t, state[f"experts.{name}"]), name
     assert all(not p.requires_grad for p in model.experts.parameters())
@@ -308,7 +308,7 @@ def test_distillation_freezes_experts_and_copies_the_trunk():
     assert all(p.requires_grad for p in model.gate.parameters())
     out = model(torch.randn(6, 1, 28, 28))
     F.nll_loss(out.log_probs_BC, torch.zeros(6, dtype=torch.long)).backward()
-    assert model.gate.out.weight.grad is not None
+    assert model.gate.router.proj.weight.grad is not None
     assert all(p.grad is None for p in model.experts.parameters())
     with pytest.raises(KeyError):  # an original-gate checkpoint has no attentive gate
         build_distilled(cfg_for(), model.state_dict(), 10, 1, 28)
@@ -318,10 +318,12 @@ def test_gate_trunks_share_names_between_original_and_attentive():
     spec, relu = gate_trunk_spec("fashion_mnist", 1, 28)
     assert relu  # FMNIST attentive trunk returns ReLU(fc2), the others plain fc2 (docs/paper-notes.md §1.2)
     assert not gate_trunk_spec("mnist", 1, 28)[1]
-    a, b = GateTrunk(spec, final_relu=True), GateTrunk(spec, final_relu=False)
-    assert a.state_dict().keys() == b.state_dict().keys()
-    gate = TopKGate(a, 3, top_k=2)
-    assert gate.renormalize  # auto: renormalise when k > 1
+    original = build_model(cfg_for(), 10, 1, 28).gate
+    attentive = build_model(cfg_for(**{"gate.kind": "attentive"}), 10, 1, 28).gate
+    assert original.trunk.state_dict().keys() == attentive.trunk.state_dict().keys()
+    assert original.relu_features and attentive.relu_features  # FMNIST: both read ReLU(fc2)
+    assert isinstance(original.trunk, GateTrunk)
+    assert LinearRouter(32, 3, top_k=2).renormalize  # auto: renormalise when k > 1
 
 
 class SubclassedBN(nn.BatchNorm2d):

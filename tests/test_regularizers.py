@@ -9,7 +9,7 @@ import torch
 
 from raymoe.config.schema import RegularizerConfig, SampleSimilarityConfig
 from raymoe.models.output import ModelOutput
-from raymoe.moe.gates import dense_result
+from raymoe.moe.routing import dense_result
 from raymoe.moe.routing import GateResult
 from raymoe.regularizers.combine import regularize
 from raymoe.regularizers.importance import importance_loss

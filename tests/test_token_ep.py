@@ -17,7 +17,7 @@ from torch import nn
 from ep_harness import ATOL, run_on_workers
 from raymoe.moe.token.hypermoe import HyperMoE, HyperNetwork
 from raymoe.moe.token.layer import TokenMoE
-from raymoe.moe.token.routers import ExpertChoiceRouter, TopKRouter
+from raymoe.moe.routers import ExpertChoiceRouter, LinearRouter
 from raymoe.parallel.context import DistContext
 
 D, FF, E = 8, 16, 4
@@ -33,11 +33,11 @@ class _Model(nn.Module):
         self.hypernet = None
         if case == "gshard_capacity_hyper_bias_shared":
             self.hypernet = HyperNetwork(2, D, input_dim=6, bottleneck=6, layer_embed_dim=2, adapter_dim=4)
-            router = TopKRouter(D, E, top_k=2, bias_balance_rate=0.01)
+            router = LinearRouter(D, E, top_k=2, bias_balance_rate=0.01)
             self.moe = TokenMoE(D, FF, E, router, capacity_factor=1.0, hypermoe=HyperMoE(E, self.hypernet, 5, 5),
                                 num_shared_experts=1, layer_index=1)
         elif case == "switch_capacity":
-            self.moe = TokenMoE(D, FF, E, TopKRouter(D, E, top_k=1), capacity_factor=1.25)
+            self.moe = TokenMoE(D, FF, E, LinearRouter(D, E, top_k=1), capacity_factor=1.25)
         else:
             self.moe = TokenMoE(D, FF, E, ExpertChoiceRouter(D, E, capacity_factor=1.0))
 

@@ -16,22 +16,21 @@ from raymoe.moe.token.capacity import token_capacity, within_capacity
 from raymoe.moe.token.experts import TokenExperts
 from raymoe.moe.token.grouped import grouped_linear, grouped_mm_applies
 from raymoe.moe.token.layer import TokenMoE
-from raymoe.moe.token.routers import (AttentiveRouter, ExpertChoiceRouter, NoisyTopKRouter, TokenRouter,
-                                      TopKRouter)
+from raymoe.moe.routers import AttentiveRouter, ExpertChoiceRouter, LinearRouter, NoisyRouter, Router
 from raymoe.moe.token.shared import FeedForward
 from raymoe.parallel.context import DistContext
 
 D, FF = 16, 32
 
 
-class FixedRouter(TokenRouter):
+class FixedRouter(Router):
     """Stub router returning a given choice of experts (weights 1 / K) whatever the input."""
 
     def __init__(self, num_experts: int, experts_NK: torch.Tensor):
-        super().__init__(num_experts)
+        super().__init__(num_experts, top_k=experts_NK.shape[1])
         self.experts_NK = experts_NK
 
-    def forward(self, x_ND, experts):
+    def forward(self, x_ND, expert_keys=None):
         n, k = self.experts_NK.shape
         probs = torch.full((n, self.num_experts), 1.0 / self.num_experts)
         return GateResult(probs_NE=probs, weights_NK=torch.full((n, k), 1.0 / k), experts_NK=self.experts_NK,
@@ -49,7 +48,7 @@ def test_one_expert_equals_dense_ffn_forward_and_backward(impl):
     torch.manual_seed(0)
     if impl == "grouped_mm" and not grouped_mm_applies(torch.zeros(4, D), torch.zeros(1, D, FF)):
         pytest.skip("torch._grouped_mm not usable here")
-    layer = TokenMoE(D, FF, 1, TopKRouter(D, 1, top_k=1), capacity_factor=None, impl=impl)
+    layer = TokenMoE(D, FF, 1, LinearRouter(D, 1, top_k=1), capacity_factor=None, impl=impl)
     dense = FeedForward(D, FF)
     with torch.no_grad():
         dense.fc1.weight.copy_(layer.experts.w1_EDF[0].t())
@@ -90,7 +89,7 @@ def test_topk_layer_equals_dense_masked_reference(top_k, renormalize, impl):
     e = 4
     if impl == "grouped_mm" and not grouped_mm_applies(torch.zeros(4, D), torch.zeros(e, D, FF)):
         pytest.skip("torch._grouped_mm not usable here")
-    layer = TokenMoE(D, FF, e, TopKRouter(D, e, top_k=top_k, renormalize=renormalize), impl=impl)
+    layer = TokenMoE(D, FF, e, LinearRouter(D, e, top_k=top_k, renormalize=renormalize), impl=impl)
     x = torch.randn(40, D)
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y, gate, _ = layer(x1)
@@ -162,8 +161,8 @@ def test_expert_choice_every_expert_takes_exactly_its_capacity(cf):
     assert router.proj.weight.grad is not None and router.proj.weight.grad.abs().sum() > 0
 
 
-def _skewed_router(e: int, rate: float) -> TopKRouter:
-    router = TopKRouter(D, e, top_k=1, bias_balance_rate=rate)
+def _skewed_router(e: int, rate: float) -> LinearRouter:
+    router = LinearRouter(D, e, top_k=1, bias_balance_rate=rate)
     with torch.no_grad():
         router.proj.weight.mul_(0.1)
         router.proj.weight[0, 0] = 1.5  # feature 0 is constant 1 below: expert 0 wins most tokens
@@ -224,13 +223,13 @@ def test_bias_balancing_selection_uses_bias_and_eval_does_not_count():
 def test_noisy_topk_smooth_load_matches_resampling_one_experts_noise():
     torch.manual_seed(6)
     e, k = 5, 2
-    router = NoisyTopKRouter(D, e, top_k=k)
+    router = NoisyRouter(D, e, top_k=k)
     with torch.no_grad():
-        router.w_gate_DE.normal_(0, 0.3)
-        router.w_noise_DE.normal_(0, 0.3)
+        router.w_gate_IE.normal_(0, 0.3)
+        router.w_noise_IE.normal_(0, 0.3)
     x = torch.randn(3, D)
-    clean = x @ router.w_gate_DE
-    std = F.softplus(x @ router.w_noise_DE) + router.noise_eps
+    clean = x @ router.w_gate_IE
+    std = F.softplus(x @ router.w_noise_IE) + router.noise_eps
     noisy = clean + torch.randn_like(clean) * std
     load = smooth_load(clean, noisy, std, k)  # the one smooth load of both levels (raymoe/moe/routing.py)
     # Shazeer eq. 9: P(e in top-k | the other experts' noisy values), estimated by redrawing e's noise only
@@ -253,7 +252,7 @@ def test_attentive_router_keys_come_from_the_experts_hidden_layer():
     router = AttentiveRouter(D, FF, e, top_k=2)
     experts = TokenExperts(e, D, FF)
     x = torch.randn(9, D)
-    gate = router(x, experts)
+    gate = router(x, lambda w_k: experts.hidden_keys(x, w_k))
     q = x @ router.w_q.weight.t()
     scores = torch.stack([(q * ((x @ experts.w1_EDF[j] + experts.b1_EF[j]) @ router.w_k.weight.t())).sum(-1)
                           for j in range(e)], dim=1) / math.sqrt(D)
@@ -262,12 +261,12 @@ def test_attentive_router_keys_come_from_the_experts_hidden_layer():
     gate.weights_NK.sum().backward()
     assert experts.w1_EDF.grad.abs().sum() > 0  # the gate trains the experts' hidden layers through the keys
     with pytest.raises(RuntimeError, match="expert parallelism"):
-        router(x, experts.shard(0, 2))
+        router(x, lambda w_k: experts.shard(0, 2).hidden_keys(x, w_k))
 
 
 def test_switch_jitter_only_in_training():
     torch.manual_seed(8)
-    router = TopKRouter(D, 4, top_k=1, jitter=0.5)
+    router = LinearRouter(D, 4, top_k=1, jitter=0.5)
     x = torch.randn(20, D)
     router.eval()
     torch.testing.assert_close(router(x, None).logits_NE, x @ router.proj.weight.t())
@@ -339,9 +338,9 @@ def test_layer_rejects_bad_combinations():
     with pytest.raises(ValueError):
         TokenMoE(D, FF, 4, ExpertChoiceRouter(D, 4), capacity_factor=1.0)
     with pytest.raises(ValueError):
-        TokenMoE(D, FF, 4, TopKRouter(D, 4), capacity_factor=0.0)
+        TokenMoE(D, FF, 4, LinearRouter(D, 4), capacity_factor=0.0)
     with pytest.raises(ValueError):
-        TopKRouter(D, 4, top_k=5)
+        LinearRouter(D, 4, top_k=5)
 
 
 @pytest.mark.gpu
@@ -350,7 +349,7 @@ def test_layer_rejects_bad_combinations():
 def test_cuda_layer_auto_path_equals_the_loop(dtype):
     torch.manual_seed(12)
     dev = torch.device("cuda")
-    auto = TokenMoE(64, 128, 8, TopKRouter(64, 8, top_k=2), capacity_factor=1.25).to(dev, dtype)
+    auto = TokenMoE(64, 128, 8, LinearRouter(64, 8, top_k=2), capacity_factor=1.25).to(dev, dtype)
     loop = TokenMoE(64, 128, 8, auto.router, capacity_factor=1.25, impl="loop").to(dev, dtype)
     loop.experts.load_state_dict(auto.experts.state_dict())
     x = torch.randn(300, 64, device=dev, dtype=dtype)

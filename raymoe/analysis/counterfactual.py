@@ -86,13 +86,14 @@ class CounterfactualRouter(torch.nn.Module):
         super().__init__()
         self.inner, self.mode, self.generator, self.early = router, mode, generator, early
         self.token_choice, self.num_experts = router.token_choice, router.num_experts
+        self.needs_expert_hidden = router.needs_expert_hidden
 
-    def forward(self, x_ND: torch.Tensor, experts):
+    def forward(self, x_ND: torch.Tensor, expert_keys=None):
         import dataclasses
 
         if self.mode == "early gate":
-            return self.early(x_ND, experts)
-        gate = self.inner(x_ND, experts)
+            return self.early(x_ND, expert_keys)
+        gate = self.inner(x_ND, expert_keys)
         n, k = gate.experts_NK.shape
         e = self.num_experts
         if self.mode == "random expert":

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from raymoe.kernels.fast_paths import apply_fast_paths, gemm_choice
 from raymoe.moe.token.hypermoe import HyperMoE, HyperNetwork
 from raymoe.moe.token.layer import TokenMoE
-from raymoe.moe.token.routers import TopKRouter
+from raymoe.moe.routers import LinearRouter
 from raymoe.moe.token.shared import FeedForward
 
 FULL_SIZES = [(8192, 256, 1024, 8), (4096, 512, 2048, 16)]  # (T, d, d_ff, E)
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _naive_moe(layer: TokenMoE, x_ND: torch.Tensor) -> torch.Tensor:
     """Reference implementation: one masked pass per expert, scattered back with index_add."""
-    gate = layer.router(x_ND, layer.experts)
+    gate = layer.router(x_ND)
     ex = layer.experts
     y_ND = torch.zeros_like(x_ND)
     for e in range(layer.num_experts):
@@ -102,7 +102,7 @@ def _time_variants(fns: dict, params: dict, x: torch.Tensor, grad: torch.Tensor,
 def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: int, device: torch.device,
                impl: str, hypermoe: bool, adapter_dim: int = 64) -> dict:
     torch.manual_seed(0)
-    layer = TokenMoE(d, d_ff, e, TopKRouter(d, e, top_k=k), capacity_factor=None, impl=impl).to(device)
+    layer = TokenMoE(d, d_ff, e, LinearRouter(d, e, top_k=k), capacity_factor=None, impl=impl).to(device)
     dense = FeedForward(d, k * d_ff).to(device)
     # the layer as train_fn runs it (its router's nn.Linear gets the probe's backend, raymoe/kernels/fast_paths.py);
     # the dense FFN keeps torch's GEMM, as the experts' stacked weights do: the ratio compares like with like

@@ -53,10 +53,10 @@ def pairs(literal: nn.Module) -> Iterator[Pair]:
     yield from _linear_pairs("gate.trunk.fc1", literal.gate.fc1, None)
     yield from _linear_pairs("gate.trunk.fc2", literal.gate.fc2, None)
     if literal.attention is not None:
-        yield from _linear_pairs("gate.w_q", literal.attention.w_q, None)
-        yield from _linear_pairs("gate.w_k", literal.attention.w_k, None)
+        yield from _linear_pairs("gate.router.w_q", literal.attention.w_q, None)
+        yield from _linear_pairs("gate.router.w_k", literal.attention.w_k, None)
     else:
-        yield from _linear_pairs("gate.out", literal.gate.out, None)
+        yield from _linear_pairs("gate.router.proj", literal.gate.out, None)
 
 
 def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:

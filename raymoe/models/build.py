@@ -13,23 +13,18 @@ from raymoe.models.moe import ExpectationMoE
 from raymoe.models.paper_experts import PaperExperts, expert_spec
 from raymoe.models.paper_gate_nets import GateTrunk, gate_trunk_spec
 from raymoe.models.single import SingleModel
-from raymoe.moe.gates import AttentiveGate, NoisyTopKGate, SoftmaxGate, TopKGate
+from raymoe.moe.gates import TrunkGate
+from raymoe.moe.router_build import build_router
 
 
-def build_gate(cfg: ExperimentConfig, in_channels: int, image_size: int) -> nn.Module:
-    """The sample-level gate of cfg.gate.kind on the data set's gate trunk."""
-    g, e = cfg.gate, cfg.model.num_experts
+def build_gate(cfg: ExperimentConfig, in_channels: int, image_size: int) -> TrunkGate:
+    """The sample-level gate of cfg.gate.kind: a router over the data set's gate trunk (raymoe/moe/gates.py)."""
     spec, attentive_relu = gate_trunk_spec(cfg.data.name, in_channels, image_size, cfg.model.hidden_size)
-    if g.kind == "attentive":
-        return AttentiveGate(GateTrunk(spec, final_relu=attentive_relu), e, spec.hidden)
-    trunk = GateTrunk(spec, final_relu=True)  # the original gate applies ReLU to fc2 before its output layer
-    if g.kind == "softmax":
-        return SoftmaxGate(trunk, e, g.temperature)
-    if g.kind == "topk":
-        return TopKGate(trunk, e, g.top_k, g.renormalize, g.temperature)
-    if g.kind == "noisy_topk":
-        return NoisyTopKGate(trunk, e, g.top_k, g.renormalize, g.noise_eps, g.temperature)
-    raise ValueError(f"gate.kind {g.kind!r} is not a sample-level gate (use model.arch vit_moe for token routers)")
+    trunk = GateTrunk(spec)  # built before the router: the reference code's order of initial draws
+    router = build_router(cfg.gate, "sample", spec.hidden, spec.hidden, cfg.model.num_experts)
+    # the original gate reads ReLU(fc2), the attentive one fc2 (ReLU only on FMNIST, docs/paper-notes.md §1.2)
+    relu = attentive_relu if router.needs_expert_hidden else True
+    return TrunkGate(trunk, router, relu_features=relu)
 
 
 def build_lm(cfg: ExperimentConfig, vocab_size: int) -> nn.Module:

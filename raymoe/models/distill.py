@@ -13,7 +13,7 @@ from torch import nn
 from raymoe.config.schema import ExperimentConfig
 from raymoe.models.build import build_model
 from raymoe.models.moe import ExpectationMoE
-from raymoe.moe.gates import SoftmaxGate
+from raymoe.moe.routers import LinearRouter
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -32,14 +32,15 @@ def build_distilled(cfg: ExperimentConfig, attentive_state: dict[str, torch.Tens
         RuntimeError: a tensor shape does not fit this model (another architecture).
     """
     model = build_model(cfg, num_classes, in_channels, image_size)
-    if not isinstance(model, ExpectationMoE) or not isinstance(model.gate, SoftmaxGate):
+    original = isinstance(model, ExpectationMoE) and isinstance(model.gate.router, LinearRouter) and model.gate.dense
+    if not original:
         raise ValueError("distillation builds an original-gate MoE: use model.arch moe and gate.kind softmax")
     experts_state = _sub_state(attentive_state, "experts.")
     trunk_state = _sub_state(attentive_state, "gate.trunk.")
     if not experts_state or not trunk_state:
         raise KeyError("the state dict has no 'experts.*' or no 'gate.trunk.*' entries (not an attentive MoE)")
-    if "gate.w_q.weight" not in attentive_state:
-        raise KeyError("the state dict has no attentive gate (gate.w_q.weight); distil from an attentive MoE")
+    if "gate.router.w_q.weight" not in attentive_state:
+        raise KeyError("the state dict has no attentive gate (gate.router.w_q.weight); distil from an attentive MoE")
     model.experts.load_state_dict(experts_state, strict=True)
     model.gate.trunk.load_state_dict(trunk_state, strict=False)  # as the reference: missing keys stay random
     for p in model.experts.parameters():

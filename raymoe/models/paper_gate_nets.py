@@ -1,7 +1,7 @@
 """The paper's gate networks (docs/paper-notes.md §1.2 table): a trunk h_g(x) of conv stages -> fc1 -> ReLU -> fc2.
 
-The original gate applies ReLU(fc2) -> out -> softmax(./T) (gates.py); the attentive gate's trunk returns fc2
-without ReLU except on Fashion-MNIST (docs/paper-notes.md §1.2, "Attentive-gate trunk" row). Both gates hold the trunk
+The trunk ends at fc2; the gate (raymoe/moe/gates.py) applies ReLU to it for the original gate, and for the
+attentive gate only on Fashion-MNIST (docs/paper-notes.md §1.2, "Attentive-gate trunk" row). Both gates hold the trunk
 under the same parameter names (`trunk.*`), so distillation loads one from the other (docs/paper-notes.md §1.3 rows 8/9).
 
 Shape legend: B samples, Z channels, S image side, H trunk output width.
@@ -34,16 +34,15 @@ def gate_trunk_spec(dataset: str, in_channels: int, image_size: int,
 
 
 class GateTrunk(nn.Module):
-    """h_g(x): conv stages (conv, optional BatchNorm, ReLU, max-pool) -> fc1 -> ReLU -> fc2 (-> ReLU)."""
+    """h_g(x): conv stages (conv, optional BatchNorm, ReLU, max-pool) -> fc1 -> ReLU -> fc2."""
 
-    def __init__(self, spec: ConvNetSpec, final_relu: bool):
+    def __init__(self, spec: ConvNetSpec):
         super().__init__()
-        self.final_relu, self.out_features = final_relu, spec.hidden
+        self.out_features = spec.hidden
         self.convs, self.bns = conv_stages(spec)
         self.fc1 = nn.Linear(spec.flat_features, spec.fc1)
         self.fc2 = nn.Linear(spec.fc1, spec.hidden)
 
     def forward(self, x_BZSS: torch.Tensor) -> torch.Tensor:
         t = run_conv_stages(self.convs, self.bns, x_BZSS)
-        h_BH = self.fc2(F.relu(self.fc1(t.flatten(1))))
-        return F.relu(h_BH) if self.final_relu else h_BH
+        return self.fc2(F.relu(self.fc1(t.flatten(1))))

@@ -1,5 +1,6 @@
-"""What every gate and router shares, sample-level and token-level alike: the typed GateResult, the one top-k
-selection step with the one renormalisation rule, the noise they draw and Shazeer's smooth load.
+"""What every router shares, sample-level and token-level alike (raymoe/moe/routers.py): the typed GateResult, the
+one selection step (dense or top-k, with the one renormalisation rule), the noise they draw and Shazeer's smooth
+load.
 
 Shape legend: N items routed (samples or tokens), E experts, K experts chosen per item.
 """
@@ -51,9 +52,26 @@ def renormalizes(renormalize: bool | None, k: int) -> bool:
     return k > 1 if renormalize is None else bool(renormalize)
 
 
+def dense_result(probs_NE: torch.Tensor, logits_NE: torch.Tensor, load_E: torch.Tensor | None = None) -> GateResult:
+    """Every item goes to every expert with weight g_e: experts_NK = arange(E) for every item, weights = probs."""
+    n, e = probs_NE.shape
+    experts_NK = torch.arange(e, device=probs_NE.device).expand(n, e)
+    return GateResult(probs_NE=probs_NE, weights_NK=probs_NE, experts_NK=experts_NK, logits_NE=logits_NE,
+                      load_E=load_E)
+
+
+def select(probs_NE: torch.Tensor, logits_NE: torch.Tensor, top_k: int | None, renormalize: bool,
+           load_E: torch.Tensor | None = None, scores_NE: torch.Tensor | None = None) -> GateResult:
+    """The selection step of every token-choice router and sample-level gate: dense when top_k is None (the
+    paper's gates), else select_top_k."""
+    if top_k is None:
+        return dense_result(probs_NE, logits_NE, load_E)
+    return select_top_k(probs_NE, logits_NE, top_k, renormalize, load_E, scores_NE)
+
+
 def select_top_k(probs_NE: torch.Tensor, logits_NE: torch.Tensor, k: int, renormalize: bool,
                  load_E: torch.Tensor | None = None, scores_NE: torch.Tensor | None = None) -> GateResult:
-    """The selection step of every sparse gate and token-choice router: the top k experts by `scores_NE`
+    """The top-k selection step: the top k experts by `scores_NE`
     (default: the probabilities; sorted, so slot 0 is the best), weighted by their probabilities, renormalised
     over the kept experts when `renormalize`. A bias-balanced router passes biased scores: the bias picks the
     experts, the unbiased probabilities weight them (DeepSeek-V3)."""

@@ -5,26 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raymoe.config.schema import LM_ARCHS, ExperimentConfig, GateConfig
+from raymoe.config.schema import LM_ARCHS, ExperimentConfig
+from raymoe.moe.router_build import build_router
 from raymoe.moe.token.hypermoe import HyperMoE, HyperNetwork
 from raymoe.moe.token.layer import TokenMoE
-from raymoe.moe.token.routers import (AttentiveRouter, ExpertChoiceRouter, NoisyTopKRouter, TokenRouter,
-                                      TopKRouter)
-
-
-def build_router(gate: GateConfig, dim: int, d_ff: int, num_experts: int) -> TokenRouter:
-    """The router named by gate.kind (token level: topk, noisy_topk, expert_choice, attentive)."""
-    rate = gate.bias_balance_rate
-    if gate.kind == "topk":
-        return TopKRouter(dim, num_experts, gate.top_k, gate.renormalize, gate.jitter, gate.temperature, rate)
-    if gate.kind == "noisy_topk":
-        return NoisyTopKRouter(dim, num_experts, gate.top_k, gate.renormalize, gate.noise_eps, gate.temperature,
-                               rate)
-    if gate.kind == "expert_choice":
-        return ExpertChoiceRouter(dim, num_experts, gate.capacity_factor, gate.temperature)
-    if gate.kind == "attentive":
-        return AttentiveRouter(dim, d_ff, num_experts, gate.top_k, gate.renormalize, bias_balance_rate=rate)
-    raise ValueError(f"gate.kind {gate.kind!r} is not a token-level router")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +40,7 @@ def build_hypernet(cfg: ExperimentConfig) -> HyperNetwork | None:
 def build_token_moe(cfg: ExperimentConfig, layer_index: int, hypernet: HyperNetwork | None) -> TokenMoE:
     """One MoE FFN for block `layer_index` of the ViT or the GPT."""
     net, g, e = backbone(cfg), cfg.gate, cfg.model.num_experts
-    router = build_router(g, net.dim, net.d_ff, e)
+    router = build_router(g, "token", net.dim, net.d_ff, e)
     hyper = None
     if hypernet is not None:
         hyper = HyperMoE(e, hypernet, g.hypermoe.expert_embed_dim, g.hypermoe.process_dim)

@@ -21,17 +21,18 @@ R rows received by the local experts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import nn
 
 from raymoe.moe.dispatch import LocalDispatcher
+from raymoe.moe.routers import Router
 from raymoe.moe.routing import GateResult
 from raymoe.moe.token.capacity import token_capacity, within_capacity
 from raymoe.moe.token.experts import TokenExperts
 from raymoe.moe.token.grouped import Impl
 from raymoe.moe.token.hypermoe import HyperMoE
-from raymoe.moe.token.routers import TokenRouter
 from raymoe.moe.token.shared import shared_experts
 
 
@@ -42,7 +43,7 @@ class TokenMoE(nn.Module):
         dim: model dim D.
         d_ff: hidden width of each expert.
         num_experts: E (global).
-        router: a TokenRouter (routers.py).
+        router: a sparse Router of the one family (raymoe/moe/routers.py).
         capacity_factor: token-choice capacity ceil(cf * T * k / E) with dropping; None = dropless. Must be None
             for expert choice (that router owns its capacity).
         hypermoe: per-layer HyperMoE part (needs a token-choice router), or None.
@@ -51,7 +52,7 @@ class TokenMoE(nn.Module):
         impl: expert GEMM path, "auto" | "grouped_mm" | "loop".
     """
 
-    def __init__(self, dim: int, d_ff: int, num_experts: int, router: TokenRouter,
+    def __init__(self, dim: int, d_ff: int, num_experts: int, router: Router,
                  capacity_factor: float | None = None, hypermoe: HyperMoE | None = None,
                  num_shared_experts: int = 0, layer_index: int = 0, impl: Impl = "auto"):
         super().__init__()
@@ -61,6 +62,8 @@ class TokenMoE(nn.Module):
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
         if hypermoe is not None and not router.token_choice:
             raise ValueError("HyperMoE needs a per-token unselected set: use a token-choice router")
+        if router.dense:
+            raise ValueError("a token MoE layer needs a sparse router (top_k set, or expert choice)")
         if router.num_experts != num_experts:
             raise ValueError(f"router has {router.num_experts} experts, layer has {num_experts}")
         self.dim, self.num_experts, self.layer_index = dim, num_experts, layer_index
@@ -74,7 +77,8 @@ class TokenMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, GateResult, dict[str, torch.Tensor]]:
         """x: (..., D) -> (y of the same shape, GateResult over N = prod(leading dims), stats)."""
         x_ND = x.reshape(-1, self.dim)
-        gate = self.router(x_ND, self.experts)
+        keys = functools.partial(self.experts.hidden_keys, x_ND) if self.router.needs_expert_hidden else None
+        gate = self.router(x_ND, keys)
         selected_NK = gate.experts_NK  # before capacity: HyperMoE's unselected set (docs/hypermoe-notes.md §1.3(4))
         if self.capacity_factor is not None:
             cap = token_capacity(self.capacity_factor, x_ND.shape[0], selected_NK.shape[1], self.num_experts)

@@ -5,7 +5,7 @@ unbiased scores, so balancing sends no gradient anywhere. Token counts are accum
 after each optimizer step the training loop calls `post_step(ctx)` on every module that has it, which sums the
 counts over all data-parallel ranks and moves the bias: b_e += u * sign(mean_e' load_e' - load_e).
 
-Shape legend: N tokens, E experts, K experts per token.
+Shape legend: N items routed (tokens, or samples at the sample level), E experts, K experts per item.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the training loop passes its context in; moe code does not 
 
 
 class BiasBalancer(nn.Module):
-    """Holds bias_E (persistent buffer, part of checkpoints) and counts_E (tokens routed since the last step)."""
+    """Holds bias_E (persistent buffer, part of checkpoints) and counts_E (items routed since the last step)."""
 
     def __init__(self, num_experts: int, rate: float):
         super().__init__()
