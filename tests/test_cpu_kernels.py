@@ -119,4 +119,34 @@ def test_fast_paths_are_applied_from_outside_without_changing_the_model():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype, as for any nn.Linear
         assert model(x).dtype == reference(x_ref).dtype == torch.bfloat16
-    assert apply_fast_paths(nn.Linear(3, 3), torch.device("meta")) == {"linear": "torch", "swapped": 0}  # no CPU
+    no_cpu = {"linear": "torch", "conv": "torch", "swapped": 0}
+    assert apply_fast_paths(nn.Linear(3, 3), torch.device("meta")) == no_cpu
+
+
+def test_conv_fast_path_is_the_probes_choice_and_keeps_the_paper_model():
+    """The one-channel convs are swapped exactly when the conv probe picked the patch GEMM; a paper MoE with the
+    swapped modules has the same state_dict keys, outputs and gradients (the dense expert path and the gate's
+    conv + BatchNorm)."""
+    from raymoe.config.load import load_experiment
+    from raymoe.kernels.fast_conv import PatchConv2d, PatchStackedConv2d
+    from raymoe.kernels.fast_paths import apply_fast_paths, conv_probe, swap_convs
+    from raymoe.models.build import build_model
+
+    cfg = load_experiment(raw={"name": "t", "data": {"name": "fashion_mnist"}, "model": {"num_experts": 3},
+                               "gate": {"kind": "attentive"}})
+    torch.manual_seed(0)
+    model, reference = build_model(cfg, 10, 1, 28), build_model(cfg, 10, 1, 28)
+    reference.load_state_dict(model.state_dict())
+    decided = apply_fast_paths(model, torch.device("cpu"))
+    probe = conv_probe(torch.get_num_threads())
+    assert probe["backend"] in ("patch_gemm", "torch") and decided["conv"] == probe["backend"]
+    swap_convs(model)  # whatever the probe said: the swapped model must equal the plain one
+    assert isinstance(model.gate.trunk.convs[0], PatchConv2d) and isinstance(model.experts.convs[0], PatchStackedConv2d)
+    assert model.state_dict().keys() == reference.state_dict().keys()
+    x = torch.randn(16, 1, 28, 28)
+    out, ref = model(x), reference(x)
+    torch.testing.assert_close(out.log_probs_BC, ref.log_probs_BC, rtol=1e-4, atol=1e-5)
+    out.log_probs_BC[:, 0].sum().backward()
+    ref.log_probs_BC[:, 0].sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config.load import load_experiment
-from raymoe.kernels.fast_conv import first_conv
+from raymoe.kernels.fast_paths import swap_convs
 from raymoe.models.build import build_model
 from raymoe.models.distill import build_distilled
 from raymoe.models.moe import ExpectationMoE
@@ -336,9 +336,20 @@ class SubclassedBN(nn.BatchNorm2d):
         return super().forward(x)
 
 
+class Stage(nn.Module):
+    """One conv stage as the paper nets hold theirs (convs[i] then bns[i]), called as the model calls it."""
+
+    def __init__(self, conv: nn.Module, bn: nn.Module):
+        super().__init__()
+        self.convs, self.bns = nn.ModuleList([conv]), nn.ModuleList([bn])
+
+    def forward(self, x):
+        return self.bns[0](self.convs[0](x))
+
+
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("with_bn", [True, False])
-def test_first_conv_gemm_path_equals_conv_then_batchnorm(padding, with_bn):
+def test_patch_conv_swap_equals_conv_then_batchnorm(padding, with_bn):
     torch.manual_seed(0)
     conv, ref_conv = nn.Conv2d(1, 8, 3, padding=padding), nn.Conv2d(1, 8, 3, padding=padding)
     ref_conv.load_state_dict(conv.state_dict())
@@ -348,22 +359,35 @@ def test_first_conv_gemm_path_equals_conv_then_batchnorm(padding, with_bn):
             bn.weight.uniform_(-2, 2)
             bn.bias.normal_()
         ref_bn.load_state_dict(bn.state_dict())
+    stage, ref = Stage(conv, bn), Stage(ref_conv, ref_bn)
+    keys = list(stage.state_dict())
+    assert swap_convs(stage) == 1 and list(stage.state_dict()) == keys  # only classes change
+    assert type(stage.convs[0]).__name__ == "PatchConv2d"
     x = torch.randn(16, 1, 12, 12) * 3 + 2  # far from zero mean: the variance must still be right
     for training in (True, False, True):
-        bn.train(training), ref_bn.train(training)
-        y, y_ref = first_conv(x, conv, bn), ref_bn(ref_conv(x))
+        stage.train(training), ref.train(training)
+        y, y_ref = stage(x), ref(x)
         assert y.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
         g = torch.randn_like(y_ref)
         (y * g).sum().backward()
         (y_ref * g).sum().backward()
-        for p, p_ref in zip([*conv.parameters(), *bn.parameters()], [*ref_conv.parameters(), *ref_bn.parameters()]):
+        for p, p_ref in zip(stage.parameters(), ref.parameters()):
             torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-3, atol=1e-3)  # conv bias under BN: ~0
             p.grad = p_ref.grad = None
     if with_bn:
-        torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
-        torch.testing.assert_close(bn.running_var, ref_bn.running_var)
-        assert bn.num_batches_tracked.item() == ref_bn.num_batches_tracked.item() == 2
+        torch.testing.assert_close(stage.bns[0].running_mean, ref_bn.running_mean)
+        torch.testing.assert_close(stage.bns[0].running_var, ref_bn.running_var)
+        assert stage.bns[0].num_batches_tracked.item() == ref_bn.num_batches_tracked.item() == 2
+        # a BatchNorm replaced after the swap (as data parallelism does) ends the fold: it runs itself, once
+        stage.bns[0] = SubclassedBN(8)
+        ref.bns[0] = nn.BatchNorm2d(8)
+        SubclassedBN.calls = 0
+        torch.testing.assert_close(stage(x), ref(x), rtol=1e-4, atol=1e-4)
+        assert SubclassedBN.calls == 1
+    # a BatchNorm subclass in place at swap time is not folded either
+    other = Stage(nn.Conv2d(1, 8, 3, padding=padding), SubclassedBN(8))
+    swap_convs(other)
     SubclassedBN.calls = 0
-    first_conv(x, conv, SubclassedBN(8))
+    other(x)
     assert SubclassedBN.calls == 1

@@ -129,11 +129,10 @@ def run(args: argparse.Namespace) -> int:
         report["literal_loop_samples_per_s"] = round(literal, 1)
         report["speedup_vs_literal_loop"] = round(report["samples_per_s"] / literal, 2)
     from raymoe.bench.fidelity import cpu_model
-
-    from raymoe.kernels.fast_paths import gemm_choice
+    from raymoe.kernels.fast_paths import conv_choice, gemm_choice
 
     report["cpu"] = cpu_model()
-    report["gemm"] = gemm_choice(device)
+    report["gemm"], report["conv"] = gemm_choice(device), conv_choice(device)
     print(json.dumps(report), flush=True)
     return 0
 

@@ -11,10 +11,13 @@ covariance over the batch (constants: the input needs no gradient). So
     BN(z)_c = a_c (patch - mean_p) . w_c + beta_c,   a_c = gamma_c / sqrt(w_c^T Cov_p w_c + eps),
 and autograd through a_c gives the gradients of training-mode BatchNorm. Running statistics are updated as
 nn.BatchNorm2d does (unbiased variance, momentum). Only a plain nn.BatchNorm2d is folded: a replacement such as
-GlobalBatchNorm (data parallel) keeps its own statistics, so callers use the ordinary path for it.
+GlobalBatchNorm (data parallel) keeps its own statistics, so the conv then leaves it alone.
 
-Shape legend: B images, S side, S' = S + 2 pad - 2 output side, O output channels, N = B*S'^2 patch rows,
-J = 9 kernel offsets (10 with a row of ones).
+The models are written with plain nn.Conv2d / StackedConv2d; kernels.apply_fast_paths (fast_paths.py) swaps in the
+modules below where its start-up probe found the patch GEMM faster on this machine.
+
+Shape legend: B images (G: the images every stacked expert sees), S side, S' = S + 2 pad - 2 output side,
+O output channels, N = B*S'^2 patch rows, J = 9 kernel offsets (10 with a row of ones).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.kernels.onednn_gemm import mm_nt
+from raymoe.models.paper_experts import StackedConv2d
 
 
 def patches_JN(x_B1SS: torch.Tensor, padding: int, shift: torch.Tensor | None = None,
@@ -75,11 +79,6 @@ def _nchw_view(y_NO: torch.Tensor, b: int, side: int) -> torch.Tensor:
     return y_NO.view(b, side, side, -1).permute(0, 3, 1, 2)
 
 
-def conv1ch(x_B1SS: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """conv(x) for a one-channel 3x3 nn.Conv2d, channels-last output."""
-    return conv1ch_weights(x_B1SS, conv.weight.reshape(conv.out_channels, 9), conv.bias, conv.padding[0])
-
-
 def conv1ch_weights(x_B1SS: torch.Tensor, w_OJ: torch.Tensor, bias_O: torch.Tensor | None,
                     padding: int) -> torch.Tensor:
     """A 3x3 conv of one-channel images with filters w_OJ (O, 9) as one GEMM, channels-last output."""
@@ -121,13 +120,61 @@ def conv1ch_bn(x_B1SS: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tor
     return _nchw_view(patch_gemm(cols_JN, w_aug_OJ1), x_B1SS.shape[0], side)
 
 
-def first_conv(x: torch.Tensor, conv: nn.Conv2d, bn: nn.Module) -> torch.Tensor:
-    """bn(conv(x)) in channels-last memory, by the GEMM path where it applies (one input channel, input
-    without gradient, plain nn.BatchNorm2d or none), else by the ordinary modules."""
-    if conv.in_channels == 1 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and not x.requires_grad:
-        if isinstance(bn, nn.Identity):
-            return conv1ch(x, conv)
-        if type(bn) is nn.BatchNorm2d:
-            return conv1ch_bn(x, conv, bn)
-    x = x.contiguous(memory_format=torch.channels_last)  # oneDNN then answers in channels-last (if C > 1)
-    return bn(conv(x).contiguous(memory_format=torch.channels_last))
+def one_channel_3x3(conv: nn.Conv2d) -> bool:
+    """Whether the patch GEMM computes this conv: 3x3, stride 1, one input channel, no dilation or groups."""
+    return (conv.in_channels == 1 and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and isinstance(conv.padding, tuple)
+            and conv.padding[0] == conv.padding[1])
+
+
+class FoldedBatchNorm2d(nn.BatchNorm2d):
+    """The BatchNorm2d after a PatchConv2d, which applies it (folded into its GEMM, or after its ordinary conv):
+    called by the model it passes its input through. Same parameters, buffers and state_dict as nn.BatchNorm2d;
+    a replacement module (GlobalBatchNorm for data parallelism) ends the fold, since the conv then finds another
+    type in its slot."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class PatchConv2d(nn.Conv2d):
+    """A one-channel 3x3 nn.Conv2d computed as one GEMM over the patches, channels-last output; with its
+    BatchNorm folded in when fold_into() gave it the slot of a FoldedBatchNorm2d. An input that needs a gradient
+    takes the ordinary conv (the patches are built without autograd)."""
+
+    _bn_slot: tuple[nn.ModuleList, int] | None = None
+
+    def fold_into(self, bns: nn.ModuleList, index: int) -> None:
+        """Fold bns[index] (a plain nn.BatchNorm2d, made a FoldedBatchNorm2d here) into this conv."""
+        bns[index].__class__ = FoldedBatchNorm2d
+        object.__setattr__(self, "_bn_slot", (bns, index))  # a reference, not a submodule: state_dict unchanged
+
+    def _folded_bn(self) -> FoldedBatchNorm2d | None:
+        if self._bn_slot is None:
+            return None
+        bn = self._bn_slot[0][self._bn_slot[1]]
+        return bn if type(bn) is FoldedBatchNorm2d else None
+
+    def forward(self, x_B1SS: torch.Tensor) -> torch.Tensor:
+        bn = self._folded_bn()
+        if x_B1SS.requires_grad:
+            y = super().forward(x_B1SS).contiguous(memory_format=torch.channels_last)
+            return y if bn is None else bn.normalize(y)
+        if bn is not None:
+            return conv1ch_bn(x_B1SS, self, bn)
+        return conv1ch_weights(x_B1SS, self.weight.reshape(self.out_channels, 9), self.bias, self.padding[0])
+
+
+class PatchStackedConv2d(StackedConv2d):
+    """StackedConv2d of one-channel 3x3 convs whose shared-input path (every expert on the same images) is one
+    GEMM over the patches, the E experts' filters stacked as output channels."""
+
+    def forward_shared(self, x_G1SS: torch.Tensor) -> torch.Tensor:
+        if x_G1SS.requires_grad:
+            return super().forward_shared(x_G1SS)
+        e = self.weight.shape[0]
+        bias = None if self.bias is None else self.bias.reshape(-1)
+        return conv1ch_weights(x_G1SS, self.weight.reshape(e * self.cout, 9), bias, self.padding)

@@ -1,10 +1,19 @@
 """CPU fast paths applied from outside, as expert parallelism is (raymoe/parallel/expert_parallel.py).
 
-Models are written with plain nn.Linear. `apply_fast_paths(model, device)` gives every nn.Linear the oneDNN GEMM
-path (raymoe/kernels/onednn_gemm.py) when a short probe on this machine found it faster than torch's default
-CPU GEMM: on AMD EPYC torch's MKL sgemm runs AVX2 kernels and oneDNN's AVX-512 ones were 2x faster, while an
-Intel Xeon's MKL may win. The swap changes only the class of each module (same parameters, same state_dict);
-under autocast and for inputs that are not 2-d float32 the module is an ordinary nn.Linear.
+Models are written with plain nn.Linear and nn.Conv2d (StackedConv2d for stacked experts).
+`apply_fast_paths(model, device)` swaps modules for faster versions where a short probe on this machine, run once
+per process, found them clearly faster (by WIN_MARGIN):
+
+* GEMM: every nn.Linear becomes OneDnnLinear (raymoe/kernels/onednn_gemm.py) when oneDNN beat torch's default
+  CPU GEMM: on AMD EPYC torch's MKL sgemm runs AVX2 kernels and oneDNN's AVX-512 ones were 2x faster, while an
+  Intel Xeon's MKL may win. Under autocast and for inputs that are not 2-d float32 it is an ordinary nn.Linear.
+* Conv: every one-channel 3x3 conv of a conv stage (a module's `convs[i]`, followed by `bns[i]`, as
+  raymoe/models/paper_experts.py builds them) becomes a PatchConv2d, one GEMM over the patches, with a plain
+  BatchNorm2d after it folded in; a one-channel StackedConv2d becomes a PatchStackedConv2d
+  (raymoe/kernels/fast_conv.py), when that beat oneDNN's conv + BatchNorm.
+
+A swap changes only the class of each module: same parameters, same buffers, same state_dict. Apply it last
+(after expert parallelism replaces BatchNorm), though a replaced BatchNorm also ends its fold by itself.
 """
 
 from __future__ import annotations
@@ -17,9 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raymoe.kernels.fast_conv import PatchConv2d, PatchStackedConv2d, one_channel_3x3
 from raymoe.kernels.onednn_gemm import linear, uses_onednn
+from raymoe.models.paper_experts import StackedConv2d
 
 PROBE_SHAPE = (512, 1352, 512)  # rows, in, out: the Fashion-MNIST gate's fc1, the paper MoE's largest GEMM
+CONV_PROBE_SHAPE = (512, 28, 8)  # images, side, out channels: the Fashion-MNIST gate's conv(1->8) + BatchNorm
+# a fast path must beat torch's own op by 15%: a smaller win flips with machine load from one process to the next
+# (a resumed worker would then round differently from the run it continues)
+WIN_MARGIN = 0.85
 
 
 class OneDnnLinear(nn.Linear):
@@ -31,12 +46,16 @@ class OneDnnLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def _time_ms(fn, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
-    """Milliseconds of one forward + backward of fn(x, w, b)."""
-    x.grad = w.grad = b.grad = None
-    start = time.perf_counter()
-    fn(x, w, b).sum().backward()
-    return (time.perf_counter() - start) * 1e3
+def _median_ms(candidates: dict, rounds: int = 6) -> dict[str, float]:
+    """Median milliseconds of each zero-argument callable, interleaved round by round; the first round warms up."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for rep in range(rounds):
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            if rep:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,15 +69,37 @@ def gemm_probe(threads: int) -> dict:
     b = torch.randn(o, generator=g, requires_grad=True)
     if not uses_onednn(x):
         return {"backend": "torch", "why": "oneDNN is not available for float32 CPU tensors here"}
-    times: dict[str, list[float]] = {"torch": [], "onednn": []}
-    for rep in range(6):
-        for name, fn in (("torch", F.linear), ("onednn", linear)):
-            ms = _time_ms(fn, x, w, b)
-            if rep:  # the first round warms both up
-                times[name].append(ms)
-    med = {name: statistics.median(v) for name, v in times.items()}
-    return {"backend": "onednn" if med["onednn"] < med["torch"] else "torch", "threads": threads,
+
+    def step(fn):
+        x.grad = w.grad = b.grad = None
+        fn(x, w, b).sum().backward()
+
+    med = _median_ms({"torch": lambda: step(F.linear), "onednn": lambda: step(linear)})
+    return {"backend": "onednn" if med["onednn"] < WIN_MARGIN * med["torch"] else "torch", "threads": threads,
             "shape": list(PROBE_SHAPE), "torch_ms": round(med["torch"], 3), "onednn_ms": round(med["onednn"], 3)}
+
+
+@functools.lru_cache(maxsize=None)
+def conv_probe(threads: int) -> dict:
+    """Forward + backward (to the weights) of the Fashion-MNIST gate's first stage, conv(1->8, 3x3) + training
+    BatchNorm on CONV_PROBE_SHAPE images, by oneDNN's conv and by the patch GEMM with the BatchNorm folded in;
+    interleaved, median of 5 after a warm-up, cached per process. {"backend": "patch_gemm" | "torch", ...}."""
+    n, side, o = CONV_PROBE_SHAPE
+    torch.manual_seed(0)
+    x = torch.randn(n, 1, side, side)
+    plain = nn.Sequential(nn.Conv2d(1, o, 3, bias=False), nn.BatchNorm2d(o))
+    fast = nn.Sequential(nn.Conv2d(1, o, 3, bias=False), nn.BatchNorm2d(o))
+    fast[0].__class__ = PatchConv2d
+    fast[0].fold_into(fast, 1)
+
+    def step(net):
+        net.zero_grad(set_to_none=True)
+        net(x).contiguous(memory_format=torch.channels_last).square().sum().backward()
+
+    med = _median_ms({"torch": lambda: step(plain), "patch_gemm": lambda: step(fast)})
+    return {"backend": "patch_gemm" if med["patch_gemm"] < WIN_MARGIN * med["torch"] else "torch", "threads": threads,
+            "shape": list(CONV_PROBE_SHAPE), "torch_ms": round(med["torch"], 3),
+            "patch_gemm_ms": round(med["patch_gemm"], 3)}
 
 
 def gemm_choice(device: torch.device) -> dict:
@@ -68,14 +109,41 @@ def gemm_choice(device: torch.device) -> dict:
     return gemm_probe(torch.get_num_threads())
 
 
-def apply_fast_paths(model: nn.Module, device: torch.device) -> dict:
-    """Swap every plain nn.Linear of `model` for OneDnnLinear where gemm_choice picked oneDNN; returns
-    {"linear": backend, "swapped": count}."""
-    backend = gemm_choice(device)["backend"]
+def conv_choice(device: torch.device) -> dict:
+    """The one-channel convs' path on `device` and why (the probe's timings on a CPU), for logs and benches."""
+    if device.type != "cpu":
+        return {"backend": "torch", "why": f"{device.type}: the device's own convolutions"}
+    return conv_probe(torch.get_num_threads())
+
+
+def swap_convs(model: nn.Module) -> int:
     swapped = 0
-    if backend == "onednn":
+    for module in model.modules():
+        convs, bns = getattr(module, "convs", None), getattr(module, "bns", None)
+        if not isinstance(convs, nn.ModuleList):
+            continue
+        for i, conv in enumerate(convs):
+            if type(conv) is nn.Conv2d and one_channel_3x3(conv):
+                conv.__class__ = PatchConv2d
+                if isinstance(bns, nn.ModuleList) and i < len(bns) and type(bns[i]) is nn.BatchNorm2d:
+                    conv.fold_into(bns, i)
+                swapped += 1
+            elif type(conv) is StackedConv2d and conv.cin == 1:
+                conv.__class__ = PatchStackedConv2d
+                swapped += 1
+    return swapped
+
+
+def apply_fast_paths(model: nn.Module, device: torch.device) -> dict:
+    """Swap `model`'s modules for the fast paths the probes picked on `device` (module docstring); returns
+    {"linear": backend, "conv": backend, "swapped": modules swapped}."""
+    linear_backend, conv_backend = gemm_choice(device)["backend"], conv_choice(device)["backend"]
+    swapped = 0
+    if linear_backend == "onednn":
         for module in model.modules():
             if type(module) is nn.Linear:
                 module.__class__ = OneDnnLinear
                 swapped += 1
-    return {"linear": backend, "swapped": swapped}
+    if conv_backend == "patch_gemm":
+        swapped += swap_convs(model)
+    return {"linear": linear_backend, "conv": conv_backend, "swapped": swapped}
