@@ -123,6 +123,21 @@ def test_fast_paths_are_applied_from_outside_without_changing_the_model():
     assert apply_fast_paths(nn.Linear(3, 3), torch.device("meta")) == no_cpu
 
 
+def test_the_probes_leave_the_global_random_state_alone():
+    """apply_fast_paths runs after the model's initial weights are drawn: a probe that reseeded torch's default
+    generator would give every seed the same noise and data order afterwards."""
+    from torch import nn
+
+    from raymoe.kernels.fast_paths import apply_fast_paths, conv_probe, gemm_probe
+
+    model = nn.Linear(3, 3)
+    gemm_probe.cache_clear(), conv_probe.cache_clear()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    apply_fast_paths(model, torch.device("cpu"))  # runs both probes afresh
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_conv_fast_path_is_the_probes_choice_and_keeps_the_paper_model():
     """The one-channel convs are swapped exactly when the conv probe picked the patch GEMM; a paper MoE with the
     swapped modules has the same state_dict keys, outputs and gradients (the dense expert path and the gate's

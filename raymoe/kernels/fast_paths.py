@@ -85,10 +85,11 @@ def conv_probe(threads: int) -> dict:
     BatchNorm on CONV_PROBE_SHAPE images, by oneDNN's conv and by the patch GEMM with the BatchNorm folded in;
     interleaved, median of 5 after a warm-up, cached per process. {"backend": "patch_gemm" | "torch", ...}."""
     n, side, o = CONV_PROBE_SHAPE
-    torch.manual_seed(0)
-    x = torch.randn(n, 1, side, side)
-    plain = nn.Sequential(nn.Conv2d(1, o, 3, bias=False), nn.BatchNorm2d(o))
-    fast = nn.Sequential(nn.Conv2d(1, o, 3, bias=False), nn.BatchNorm2d(o))
+    with torch.random.fork_rng(devices=[]):  # the probe runs after the model is drawn: leave the run's RNG alone
+        torch.manual_seed(0)
+        x = torch.randn(n, 1, side, side)
+        plain = nn.Sequential(nn.Conv2d(1, o, 3, bias=False), nn.BatchNorm2d(o))
+        fast = nn.Sequential(nn.Conv2d(1, o, 3, bias=False), nn.BatchNorm2d(o))
     fast[0].__class__ = PatchConv2d
     fast[0].fold_into(fast, 1)
 
