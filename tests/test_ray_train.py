@@ -106,11 +106,13 @@ def _mlflow_runs(tmp: Path, run_name: str) -> list:
 
 def _assert_same_metrics(got: dict, expected: dict) -> None:
     """Equal up to float32 rounding. Usually bit-identical on CPU; one configuration drifted by ~1e-6 relative
-    (a z-loss of 42.88 after 2 epochs) between two uninterrupted runs, so exact equality would be flaky.
-    A resume that lost optimizer state or restarted from scratch moves these numbers by far more."""
+    (a z-loss of 42.88 after 2 epochs) between two uninterrupted runs, so exact equality would be flaky; and a
+    near-zero entropy of float32 probabilities (sample_entropy_bits 0.0032) moved by 7.6e-8 bits between two
+    uninterrupted runs on an Intel Xeon (each process probes its own fast paths), hence abs 1e-6. A resume that
+    lost optimizer state or restarted from scratch moves these numbers by 1e-3 or more."""
     for key, value in expected.items():
         if key not in TIMING:
-            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-8), key
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 @pytest.fixture(scope="module")
