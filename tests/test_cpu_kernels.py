@@ -130,12 +130,14 @@ def test_the_probes_leave_the_global_random_state_alone():
 
     from raymoe.kernels.fast_paths import apply_fast_paths, conv_probe, gemm_probe
 
-    model = nn.Linear(3, 3)
+    model = nn.Module()  # a linear layer and a one-channel conv stage: both probes run
+    model.fc, model.convs = nn.Linear(3, 3), nn.ModuleList([nn.Conv2d(1, 2, 3)])
     gemm_probe.cache_clear(), conv_probe.cache_clear()
     torch.manual_seed(123)
     state = torch.get_rng_state()
     apply_fast_paths(model, torch.device("cpu"))  # runs both probes afresh
     assert torch.equal(torch.get_rng_state(), state)
+    assert conv_probe.cache_info().currsize == 1 and gemm_probe.cache_info().currsize == 1
 
 
 def test_conv_fast_path_is_the_probes_choice_and_keeps_the_paper_model():

@@ -117,28 +117,38 @@ def conv_choice(device: torch.device) -> dict:
     return conv_probe(torch.get_num_threads())
 
 
-def swap_convs(model: nn.Module) -> int:
-    swapped = 0
+def _conv_candidates(model: nn.Module) -> list[tuple[nn.Module, nn.Module | None, int]]:
+    """(conv, its stage's bns or None, index) for every conv the patch GEMM computes, in a module's `convs`."""
+    found = []
     for module in model.modules():
         convs, bns = getattr(module, "convs", None), getattr(module, "bns", None)
         if not isinstance(convs, nn.ModuleList):
             continue
         for i, conv in enumerate(convs):
-            if type(conv) is nn.Conv2d and one_channel_3x3(conv):
-                conv.__class__ = PatchConv2d
-                if isinstance(bns, nn.ModuleList) and i < len(bns) and type(bns[i]) is nn.BatchNorm2d:
-                    conv.fold_into(bns, i)
-                swapped += 1
-            elif type(conv) is StackedConv2d and conv.cin == 1:
-                conv.__class__ = PatchStackedConv2d
-                swapped += 1
-    return swapped
+            if (type(conv) is nn.Conv2d and one_channel_3x3(conv)) or (type(conv) is StackedConv2d and conv.cin == 1):
+                found.append((conv, bns if isinstance(bns, nn.ModuleList) and i < len(bns) else None, i))
+    return found
+
+
+def swap_convs(model: nn.Module) -> int:
+    """Swap every candidate conv (module docstring) for its patch-GEMM class; returns how many."""
+    candidates = _conv_candidates(model)
+    for conv, bns, i in candidates:
+        if type(conv) is StackedConv2d:
+            conv.__class__ = PatchStackedConv2d
+        else:
+            conv.__class__ = PatchConv2d
+            if bns is not None and type(bns[i]) is nn.BatchNorm2d:
+                conv.fold_into(bns, i)
+    return len(candidates)
 
 
 def apply_fast_paths(model: nn.Module, device: torch.device) -> dict:
     """Swap `model`'s modules for the fast paths the probes picked on `device` (module docstring); returns
-    {"linear": backend, "conv": backend, "swapped": modules swapped}."""
-    linear_backend, conv_backend = gemm_choice(device)["backend"], conv_choice(device)["backend"]
+    {"linear": backend, "conv": backend, "swapped": modules swapped}. The conv probe runs only for a model that
+    has a one-channel conv (the paper nets), not at the start of every language-model or ViT process."""
+    linear_backend = gemm_choice(device)["backend"]
+    conv_backend = conv_choice(device)["backend"] if _conv_candidates(model) else "torch"
     swapped = 0
     if linear_backend == "onednn":
         for module in model.modules():
