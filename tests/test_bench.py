@@ -48,3 +48,20 @@ def test_bench_fidelity_steps_part_reports_rounding_level_gaps(capsys):
     for line in lines:
         assert line["steps"] == 2 and line["within_rounding"] is True
         assert line["raymoe_vs_float64"]["loss"] < 1e-5
+
+
+def test_bench_fidelity_distilled_row_trains_its_attentive_row_first_then_only_the_new_gate(capsys):
+    assert cli_main(["bench", "fidelity", "--rows", "distilled_attentive_importance", "--steps", "0", "--seeds", "1",
+                     "--epochs", "1", "--train-limit", "512", "--literal-only", "--set", "data.test_limit=256"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(line["part"], line["row"]) for line in lines] == [
+        ("run", "attentive_importance"), ("run", "distilled_attentive_importance"),
+        ("runs_summary", "distilled_attentive_importance")]
+    for line in lines[:2]:
+        assert 0 < line["literal"]["train_loss"] < 5 and 0 <= line["literal"]["test_error"] <= 1
+
+
+@pytest.mark.parametrize("args", [["--steps", "0", "--seeds", "1"], ["--steps", "2", "--literal-only"]])
+def test_bench_fidelity_refuses_what_a_distilled_row_cannot_run(args, capsys):
+    assert cli_main(["bench", "fidelity", "--rows", "distilled_attentive_ls", *args]) == 2
+    assert "--rows = 'distilled_attentive_ls'" in capsys.readouterr().err

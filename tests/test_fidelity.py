@@ -104,3 +104,23 @@ def test_weights_round_trip_and_outputs_match():
     assert isinstance(literal, LiteralMoE)
     torch.testing.assert_close(out.gates[0].probs_NE, literal.gate_probs, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.log_probs_BC, torch.log(mixture + 1e-7), rtol=1e-5, atol=1e-5)
+
+
+def test_literal_distillation_freezes_the_experts_and_trains_only_the_new_gate():
+    from raymoe.fidelity.literal_loop import distill_into
+
+    torch.manual_seed(0)
+    attentive = LiteralMoE("fashion_mnist", 5, 10, "attentive")
+    model = distill_into(LiteralMoE("fashion_mnist", 5, 10, "softmax"), attentive)
+    out_before = model.gate.out.weight.detach().clone()
+    for name, p in attentive.gate.state_dict().items():  # the attentive gate's trunk, copied
+        assert torch.equal(model.gate.state_dict()[name], p), name
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    torch.nn.functional.nll_loss(model(x).log(), y).backward()
+    optimizer.step()
+    for name, p in attentive.experts.state_dict().items():  # frozen: unchanged after a step
+        assert torch.equal(model.experts.state_dict()[name], p), name
+    assert not torch.equal(model.gate.out.weight, out_before)  # the new gate trains
+    with pytest.raises(ValueError, match="attentive-gate MoE into an original-gate"):
+        distill_into(LiteralMoE("fashion_mnist", 5, 10, "softmax"), model)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from raymoe.config.load import load_experiment
+from raymoe.errors import ConfigError
 
 PRESETS = Path(__file__).resolve().parents[2] / "tune_configs" / "paper"
 DEFAULT_ROWS = ("single", "original", "original_importance", "original_ls", "attentive", "attentive_importance",
@@ -99,34 +100,61 @@ def _raymoe_run(cfg, scratch: str) -> dict[str, float]:
     return metrics
 
 
+def _teacher_row(row: str) -> str | None:
+    """The attentive row a distilled row starts from (distilled_attentive_ls -> attentive_ls), else None."""
+    return row.removeprefix("distilled_") if row.startswith("distilled_") else None
+
+
+def _literal_train(loop):
+    """Every epoch of the loop's preset; the last epoch's train and eval metrics are kept on loop.last."""
+    for _ in range(loop.cfg.train.epochs):
+        loop.last = {**loop.train_epoch(), **loop.evaluate(), "epochs": loop.cfg.train.epochs}
+    return loop
+
+
+def _run_line(row: str, seed: int, init: str, mine: dict, lit: dict, samples: int, mine_seconds: float,
+              lit_seconds: float) -> dict:
+    keys = ("train_loss", "train_error", "test_error", "usage_entropy_bits")
+    return {"bench": "fidelity", "part": "run", "row": row, "seed": seed, "epochs": lit["epochs"],
+            "literal_init": init,
+            "raymoe": {k: round(mine.get(k, math.nan), 4) for k in keys},
+            "literal": {k: round(lit.get(k, math.nan), 4) for k in keys},
+            "literal_train_error_before_step": round(lit["train_error_before_step"], 4),
+            "raymoe_samples_per_s": round(samples / mine_seconds, 1) if mine else math.nan,
+            "literal_samples_per_s": round(samples / lit_seconds, 1)}
+
+
 def _runs_part(args: argparse.Namespace, row: str) -> list[dict]:
     from raymoe.fidelity.literal_loop import LiteralLoop
 
     lines, keys = [], ("train_loss", "train_error", "test_error", "usage_entropy_bits")
+    teacher = _teacher_row(row)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         extra = [f"seed={seed}", "tracking.enabled=false"]
         if args.epochs:
             extra.append(f"train.epochs={args.epochs}")
         if args.train_limit:
             extra.append(f"data.train_limit={args.train_limit}")
-        cfg, _ = _preset(args, row, extra)
         with tempfile.TemporaryDirectory(prefix="raymoe-fidelity-") as scratch:
+            # a distilled row's preset needs an existing distill_from; the literal loop distils in memory instead
+            cfg, _ = _preset(args, row, extra + ([f"train.distill_from={scratch}"] if teacher else []))
             start = time.perf_counter()
             mine = {} if args.literal_only else _raymoe_run(cfg, scratch)
             mine_seconds = time.perf_counter() - start
-            loop = LiteralLoop(cfg, Path(scratch), init=args.init)
+            attentive = None
+            if teacher:  # rows 8/9: first the matching attentive row's literal loop, same seed (§1.3)
+                start = time.perf_counter()
+                attentive = _literal_train(LiteralLoop(_preset(args, teacher, extra)[0], Path(scratch), args.init))
+                print(json.dumps(_run_line(teacher, seed, args.init, {}, attentive.last,
+                                           len(attentive.train_loader.dataset) * attentive.cfg.train.epochs,
+                                           0.0, time.perf_counter() - start)), flush=True)
             start = time.perf_counter()
-            for _ in range(cfg.train.epochs):
-                lit = {**loop.train_epoch(), **loop.evaluate()}
+            loop = LiteralLoop(cfg, Path(scratch), init="literal" if teacher else args.init,
+                               distill_from=attentive.model if attentive else None)
+            lit = _literal_train(loop).last
             lit_seconds = time.perf_counter() - start
-        samples = len(loop.train_loader.dataset) * cfg.train.epochs
-        line = {"bench": "fidelity", "part": "run", "row": row, "seed": seed, "epochs": cfg.train.epochs,
-                "literal_init": args.init,
-                "raymoe": {k: round(mine.get(k, math.nan), 4) for k in keys},
-                "literal": {k: round(lit.get(k, math.nan), 4) for k in keys},
-                "literal_train_error_before_step": round(lit["train_error_before_step"], 4),
-                "raymoe_samples_per_s": round(samples / mine_seconds, 1),
-                "literal_samples_per_s": round(samples / lit_seconds, 1)}
+        line = _run_line(row, seed, args.init, mine, lit, len(loop.train_loader.dataset) * cfg.train.epochs,
+                         mine_seconds, lit_seconds)
         print(json.dumps(line), flush=True)
         lines.append(line)
     summary = {"bench": "fidelity", "part": "runs_summary", "row": row, "seeds": len(lines), "cpu": cpu_model(),
@@ -148,6 +176,12 @@ def _runs_part(args: argparse.Namespace, row: str) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from raymoe.runtime import prepare_process
 
+    for row in args.rows:
+        if args.seeds > 0 and _teacher_row(row) and not args.literal_only:
+            raise ConfigError("--rows", row, "a distilled row's runs need --literal-only (raymoe's distilled rows "
+                                             "come from the paper grid, which trains the attentive run first)")
+        if args.steps > 0 and _teacher_row(row):
+            raise ConfigError("--rows", row, "the step comparison covers the rows without distillation: use --steps 0")
     prepare_process(torch.device("cpu"))
     for row in args.rows:
         if args.steps > 0:

@@ -50,17 +50,35 @@ def torchvision_sets(cfg: ExperimentConfig, root: Path):
     return train, test, info.num_classes
 
 
+def distill_into(model: LiteralMoE, attentive: LiteralMoE) -> LiteralMoE:
+    """Rows 8/9 as the reference's train_from_model (docs/paper-notes.md §1.3): the attentive model's experts copied
+    and frozen, its gate's conv/fc1/fc2 loaded into the new original gate with strict=False (out stays random)."""
+    if model.attention is not None or attentive.attention is None:
+        raise ValueError("distillation goes from an attentive-gate MoE into an original-gate MoE")
+    model.experts.load_state_dict(attentive.experts.state_dict())
+    model.experts.requires_grad_(False)
+    model.gate.load_state_dict(attentive.gate.state_dict(), strict=False)
+    return model
+
+
 class LiteralLoop:
     """The literal model of a paper preset, its Adam and its DataLoaders (the reference loop, module docstring)."""
 
-    def __init__(self, cfg: ExperimentConfig, root: Path, init: str = "literal"):
+    def __init__(self, cfg: ExperimentConfig, root: Path, init: str = "literal",
+                 distill_from: LiteralMoE | None = None):
         """init: "literal" draws the literal model's weights with cfg.seed; "raymoe" starts from exactly the
-        weights `raymoe train` draws for cfg.seed (raymoe.train.loop.initial_model)."""
+        weights `raymoe train` draws for cfg.seed (raymoe.train.loop.initial_model).
+        distill_from: a trained attentive literal MoE; the new original-gate model takes its experts (frozen) and
+        gate trunk (distill_into), and only the gate trains."""
         train_set, test_set, num_classes = torchvision_sets(cfg, root)
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self.model = literal_for(cfg, num_classes)
-        if init == "raymoe":
+        if distill_from is not None:
+            if init != "literal":
+                raise ValueError("a distilled model starts from its attentive model, not from raymoe's weights")
+            distill_into(self.model, distill_from)
+        elif init == "raymoe":
             from raymoe.fidelity.transfer import load_raymoe_into
             from raymoe.train.loop import initial_model
 
@@ -68,8 +86,8 @@ class LiteralLoop:
         elif init != "literal":
             raise ValueError(f"init must be 'literal' or 'raymoe', not {init!r}")
         torch.manual_seed(cfg.seed)  # the DataLoader's shuffling draws from here on, whichever init
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr,
-                                          weight_decay=cfg.train.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True)
         self.test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.train.eval_batch_size, shuffle=True)
 
