@@ -146,19 +146,18 @@ class AttentiveRouter(Router):
         return torch.einsum("nh,neh->ne", q_NH, keys_NEH) / math.sqrt(self.key_dim), None
 
 
-class ExpertChoiceRouter(Router):
-    """Expert choice (Zhou et al. 2022): expert e takes the C tokens with the highest softmax score p[:, e]."""
+class ExpertChoiceRouter(LinearRouter):
+    """Expert choice (Zhou et al. 2022): expert e takes the C tokens with the highest softmax score p[:, e] of the
+    LinearRouter's logits."""
 
     token_choice = False
 
     def __init__(self, in_features: int, num_experts: int, capacity_factor: float | None = None,
                  temperature: float = 1.0):
-        super().__init__(num_experts)
+        super().__init__(in_features, num_experts, temperature=temperature)
         self.capacity_factor = 1.0 if capacity_factor is None else capacity_factor
         if self.capacity_factor <= 0:
             raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
-        self.temperature = temperature
-        self.proj = nn.Linear(in_features, num_experts, bias=False)
 
     @property
     def dense(self) -> bool:
@@ -170,9 +169,7 @@ class ExpertChoiceRouter(Router):
 
     def forward(self, x_NI, expert_keys=None):
         n, e = x_NI.shape[0], self.num_experts
-        with torch.autocast(x_NI.device.type, enabled=False):
-            logits_NE = self.proj(x_NI.to(self.proj.weight.dtype))
-        logits_NE = logits_NE if self.temperature == 1.0 else logits_NE / self.temperature
+        logits_NE, _ = self.scores(x_NI, None)
         probs_NE = torch.softmax(logits_NE, dim=-1)
         picked_QE = probs_NE.topk(self.capacity(n), dim=0).indices  # per expert (column): its top-C tokens
         chosen_NE = torch.zeros_like(probs_NE, dtype=torch.bool).scatter_(0, picked_QE, True)
