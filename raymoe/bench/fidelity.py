@@ -142,7 +142,7 @@ def _runs_part(args: argparse.Namespace, row: str) -> list[dict]:
             mine = {} if args.literal_only else _raymoe_run(cfg, scratch)
             mine_seconds = time.perf_counter() - start
             attentive = None
-            if teacher:  # rows 8/9: first the matching attentive row's literal loop, same seed (§1.3)
+            if teacher:  # rows 8/9, docs/paper-notes.md §1.3: the attentive row first, same seed
                 start = time.perf_counter()
                 attentive = _literal_train(LiteralLoop(_preset(args, teacher, extra)[0], Path(scratch), args.init))
                 print(json.dumps(_run_line(teacher, seed, args.init, {}, attentive.last,
