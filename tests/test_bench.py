@@ -16,7 +16,7 @@ def test_bench_moe_layer_quick_prints_one_line_per_size_and_k(capsys):
                      "--device", "cpu"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     header, rows = lines[0], lines[1:]
-    assert header["dtype"] == "float32" and header["device"] == "cpu"
+    assert header["dtype"] == "float32" and header["device"] == "cpu" and header["cpu"]
     assert [row["top_k"] for row in rows] == [1, 2]
     for row in rows:
         assert row["layer_ms"] > 0 and row["dense_chunked_ms"] > 0 and row["naive_ms"] > 0

@@ -155,6 +155,7 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
 
 
 def run(args: argparse.Namespace) -> int:
+    from raymoe.bench.fidelity import cpu_model
     from raymoe.runtime import prepare_cpu_process
 
     prepare_cpu_process()  # the process settings every training process runs with
@@ -165,8 +166,8 @@ def run(args: argparse.Namespace) -> int:
     iters = args.iters or (3 if args.quick else 12)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
-    print(json.dumps({"bench": "moe_layer", "device": str(device), "threads": torch.get_num_threads(),
-                      "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
+    print(json.dumps({"bench": "moe_layer", "device": str(device), "cpu": cpu_model(),
+                      "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
                       "dtype": "float32", "iters": iters, "warmup": warmup, "impl": args.impl,
                       "grouped_mm": hasattr(torch, "_grouped_mm"),
                       "gemm": gemm_choice(device)}), flush=True)
