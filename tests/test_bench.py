@@ -41,6 +41,22 @@ def test_bench_lm_quick_times_every_variant_and_derives_the_ratios(capsys):
     assert {"moe_over_dense_time_top1_fp32", "moe_over_dense_time_top2_fp32", "hypermoe_overhead_fp32"} <= set(summary)
 
 
+def test_bench_lm_gpu_size_builds_the_gpu_presets_bpe_vocabulary(capsys):
+    """--size gpu reads tune_configs/lm/gpu (16 experts, vocabulary 8192); --quick keeps its layers tiny."""
+    args = ["bench", "lm", "--quick", "--steps", "1", "--warmup", "0", "--precisions", "fp32", "--device", "cpu"]
+    sizes = {}
+    for size in ("cpu", "gpu"):
+        assert cli_main(args + ["--size", size, "--batch-size", "2"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert lines[0]["size"] == size
+        sizes[size] = {row["variant"]: row for row in lines[1:-1]}
+    dim = 32  # --quick's width
+    # the tied embedding table grows by (8192 - 256) rows; 16 experts of which top_k are active in both sizes
+    grown = sizes["gpu"]["dense_k1"]["active_params_per_token"] - sizes["cpu"]["dense_k1"]["active_params_per_token"]
+    assert grown == (8192 - 256) * dim
+    assert sizes["gpu"]["moe_top1"]["router_params"] == 2 * sizes["cpu"]["moe_top1"]["router_params"]  # 16 vs 8
+
+
 def test_bench_fidelity_steps_part_reports_rounding_level_gaps(capsys):
     assert cli_main(["bench", "fidelity", "--steps", "2", "--rows", "single", "attentive"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]

@@ -8,7 +8,9 @@ precision) on synthetic batches of the preset's shape (the model step, not the d
   * bf16_speedup: fp32 time / bf16 time of gpt_moe top-2, of the ViT-MoE and of the paper's FMNIST MoE; on a
     device without bf16 arithmetic the bench says so and skips it;
   * hypermoe_overhead: gpt_moe top-2 + HyperMoE time / gpt_moe top-2 time - 1 (target <= 0.15).
-One JSON line per measurement, then a summary line; the CPU model is recorded with them.
+--size gpu times the GPU-size presets (tune_configs/lm/gpu: d 512, 8 layers, 16 experts, BPE vocabulary 8192),
+where HyperMoE's hypernetwork and adapters weigh what they weigh at the paper's scale; with --batch-size a CPU
+can time a few of its steps. One JSON line per measurement, then a summary line; the CPU model is recorded with them.
 Shape legend: B sequences or images, T positions, V vocabulary.
 """
 
@@ -34,15 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny model, 1 round (smoke test)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--size", choices=["cpu", "gpu"], default="cpu",
+                        help="model size: tune_configs/lm (default) or tune_configs/lm/gpu (language models only)")
+    parser.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: the preset's)")
 
 
-def _lm_config(arch: str, top_k: int, hypermoe: bool, quick: bool, device: str):
+def _lm_config(arch: str, top_k: int, hypermoe: bool, args: argparse.Namespace):
     over = [f"model.arch={arch}", f"gate.top_k={top_k}", f"gate.hypermoe.enabled={str(hypermoe).lower()}",
-            f"train.device={device}", "train.max_steps=1000"]
-    if quick:
+            f"train.device={args.device}", "train.max_steps=1000"]
+    if args.quick:
         over += ["model.gpt.dim=32", "model.gpt.depth=2", "model.gpt.heads=2", "model.gpt.mlp_dim=32",
                  "model.gpt.block_size=32", "data.text.block_size=32", "train.batch_size=4"]
-    return load_experiment(PRESETS / "lm" / "gshard.yaml", over)
+    if args.batch_size:
+        over.append(f"train.batch_size={args.batch_size}")
+    preset = "lm/gpu/gshard_hypermoe.yaml" if args.size == "gpu" else "lm/gshard.yaml"
+    return load_experiment(PRESETS / preset, over)
 
 
 def active_params_per_token(model: torch.nn.Module, top_k: int) -> int:
@@ -105,15 +113,16 @@ def _variants(args, precision: str, device: torch.device) -> list[Variant]:
     for name, arch, k, hyper in (("dense_k1", "gpt", 1, False), ("moe_top1", "gpt_moe", 1, False),
                                  ("dense_k2", "gpt", 2, False), ("moe_top2", "gpt_moe", 2, False),
                                  ("moe_top2_hypermoe", "gpt_moe", 2, True)):
-        cfg = _lm_config(arch, k, hyper, args.quick, args.device)
+        cfg = _lm_config(arch, k, hyper, args)
+        vocab = cfg.data.text.vocab_size if cfg.data.text.tokenizer == "bpe" else 256
         torch.manual_seed(0)
-        model = build_model(cfg, 256, 0, 0)
+        model = build_model(cfg, vocab, 0, 0)
         apply_fast_paths(model, device)
         b, t = cfg.train.batch_size, cfg.data.text.block_size
-        x = torch.randint(256, (b, t), generator=g).to(device)
-        y = torch.randint(256, (b, t), generator=g).to(device)
+        x = torch.randint(vocab, (b, t), generator=g).to(device)
+        y = torch.randint(vocab, (b, t), generator=g).to(device)
         out.append(Variant(name, cfg, model, x, y, precision, device))
-    if args.quick:
+    if args.quick or args.size == "gpu":  # the image models have one size
         return out
     for name, preset in (("vit_moe", "vit/fmnist_gshard.yaml"), ("paper_fmnist_moe", "paper/fmnist/attentive.yaml")):
         cfg = load_experiment(PRESETS / preset, [f"train.device={args.device}"])
@@ -137,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
     from raymoe.kernels.fast_paths import gemm_choice
 
     header = {"bench": "lm", "device": str(device), "cpu": cpu_model(), "threads": torch.get_num_threads(),
-              "gemm": gemm_choice(device)}
+              "size": args.size, "gemm": gemm_choice(device)}
     if "bf16" in precisions and not bf16_supported(device):
         precisions.remove("bf16")
         header["bf16"] = f"skipped: {device} has no bf16 arithmetic (AVX512-BF16/AMX on CPU), so no bf16 ratios"
