@@ -10,7 +10,8 @@ precision) on synthetic batches of the preset's shape (the model step, not the d
   * hypermoe_overhead: gpt_moe top-2 + HyperMoE time / gpt_moe top-2 time - 1 (target <= 0.15).
 --size gpu times the GPU-size presets (tune_configs/lm/gpu: d 512, 8 layers, 16 experts, BPE vocabulary 8192),
 where HyperMoE's hypernetwork and adapters weigh what they weigh at the paper's scale; with --batch-size a CPU
-can time a few of its steps. One JSON line per measurement, then a summary line; the CPU model is recorded with them.
+can time a few of its steps. One JSON line per measurement, then a summary line; the CPU model is recorded with
+them.
 Shape legend: B sequences or images, T positions, V vocabulary.
 """
 

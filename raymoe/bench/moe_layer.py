@@ -167,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     print(json.dumps({"bench": "moe_layer", "device": str(device), "cpu": cpu_model(),
-                      "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__, "machine": platform.machine(),
-                      "dtype": "float32", "iters": iters, "warmup": warmup, "impl": args.impl,
+                      "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                      "machine": platform.machine(), "dtype": "float32", "iters": iters, "warmup": warmup, "impl": args.impl,
                       "grouped_mm": hasattr(torch, "_grouped_mm"),
                       "gemm": gemm_choice(device)}), flush=True)
     for n, d, d_ff, e in sizes:
