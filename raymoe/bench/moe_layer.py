@@ -168,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
     sizes = QUICK_SIZES if args.quick else FULL_SIZES
     print(json.dumps({"bench": "moe_layer", "device": str(device), "cpu": cpu_model(),
                       "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                      "machine": platform.machine(), "dtype": "float32", "iters": iters, "warmup": warmup, "impl": args.impl,
-                      "grouped_mm": hasattr(torch, "_grouped_mm"),
+                      "machine": platform.machine(), "dtype": "float32", "iters": iters, "warmup": warmup,
+                      "impl": args.impl, "grouped_mm": hasattr(torch, "_grouped_mm"),
                       "gemm": gemm_choice(device)}), flush=True)
     for n, d, d_ff, e in sizes:
         for k in (1, 2):
