@@ -106,6 +106,7 @@ class Variant:
 
 
 def _variants(args, precision: str, device: torch.device) -> list[Variant]:
+    from raymoe.data.text.tokenizers import tokenizer_vocab
     from raymoe.kernels.fast_paths import apply_fast_paths
     from raymoe.models.build import build_model
 
@@ -115,7 +116,7 @@ def _variants(args, precision: str, device: torch.device) -> list[Variant]:
                                  ("dense_k2", "gpt", 2, False), ("moe_top2", "gpt_moe", 2, False),
                                  ("moe_top2_hypermoe", "gpt_moe", 2, True)):
         cfg = _lm_config(arch, k, hyper, args)
-        vocab = cfg.data.text.vocab_size if cfg.data.text.tokenizer == "bpe" else 256
+        vocab = tokenizer_vocab(cfg.data.text)
         torch.manual_seed(0)
         model = build_model(cfg, vocab, 0, 0)
         apply_fast_paths(model, device)

@@ -387,6 +387,7 @@ def _check_text_data(cfg: ExperimentConfig) -> int:
     bpe: data.text.vocab_size, bin: meta.json's vocab_size)."""
     from raymoe.data.text import shards
     from raymoe.data.text.sources import corpus_folder, text_files
+    from raymoe.data.text.tokenizers import tokenizer_vocab
 
     d, t, gpt = cfg.data, cfg.data.text, cfg.model.gpt
     _require(t.block_size >= 1, "data.text.block_size", t.block_size, "must be >= 1")
@@ -429,7 +430,7 @@ def _check_text_data(cfg: ExperimentConfig) -> int:
         _require(bool(t.hf_text_field), "data.text.hf_text_field", t.hf_text_field, "must not be empty")
         _require(t.path is None or Path(t.path).expanduser().exists(), "data.text.path", t.path,
                  "no such file or folder (hf: the builder's data_files / data_dir)")
-    return 256 if t.tokenizer == "byte" else t.vocab_size
+    return tokenizer_vocab(t)
 
 
 def check_on_this_machine(cfg: ExperimentConfig, device) -> None:

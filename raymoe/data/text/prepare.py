@@ -22,7 +22,7 @@ from raymoe.data.sources import data_root
 from raymoe.data.text import shards
 from raymoe.data.text.sources import corpus_folder, fingerprint_inputs, read_texts
 from raymoe.data.text.splits import SPLITS
-from raymoe.data.text.tokenizers import TOKENIZER_FILE, new_tokenizer
+from raymoe.data.text.tokenizers import TOKENIZER_FILE, new_tokenizer, tokenizer_vocab
 from raymoe.errors import ConfigError
 
 RULES_VERSION = 1  # bump when the split rules or the document format change: old caches are then rebuilt
@@ -53,8 +53,7 @@ def cache_folder(data_cfg) -> Path:
 
 def fingerprint(data_cfg) -> str:
     t = data_cfg.text
-    vocab = t.vocab_size if t.tokenizer == "bpe" else 256
-    key = [RULES_VERSION, t.tokenizer, vocab, fingerprint_inputs(t)]
+    key = [RULES_VERSION, t.tokenizer, tokenizer_vocab(t), fingerprint_inputs(t)]
     return hashlib.blake2b(json.dumps(key).encode(), digest_size=16).hexdigest()
 
 

@@ -109,6 +109,11 @@ class BpeTokenizer:
         return out
 
 
+def tokenizer_vocab(text_cfg) -> int:
+    """The ids a data.text tokenizer produces: byte 256 (ByteTokenizer.vocab_size), bpe data.text.vocab_size."""
+    return text_cfg.vocab_size if text_cfg.tokenizer == "bpe" else ByteTokenizer.vocab_size
+
+
 def new_tokenizer(kind: str, train_docs: list[str], vocab_size: int) -> TextTokenizer:
     """The byte tokenizer, or a BPE trained on train_docs (the caller saves it next to the token data)."""
     return ByteTokenizer() if kind == "byte" else BpeTokenizer.train(train_docs, vocab_size)
