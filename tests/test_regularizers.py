@@ -14,7 +14,7 @@ from raymoe.moe.routing import GateResult
 from raymoe.regularizers.combine import regularize
 from raymoe.regularizers.importance import importance_loss
 from raymoe.regularizers.load import load_loss
-from raymoe.regularizers.sample_similarity import sample_similarity
+from raymoe.regularizers.sample_similarity import pixel_distance_NN, sample_similarity
 from raymoe.regularizers.switch_balance import switch_balance_loss
 from raymoe.regularizers.z_loss import router_z_loss
 
@@ -50,6 +50,27 @@ def test_sample_similarity_equals_brute_force(normalization, channel_sum):
     assert got.value.item() == pytest.approx(value, rel=1e-5)
     assert got.same.item() == pytest.approx(same, rel=1e-5)
     assert got.diff.item() == pytest.approx(diff, rel=1e-5)
+
+
+def test_pixel_distance_is_as_exact_as_the_reference_direct_cdist():
+    """A paper-sized batch (512 normalised 28 x 28 images) with an exact and a near duplicate: the float64 Gram
+    distance is within float32 rounding of the exact distance, no further from it than the reference's direct
+    float32 cdist, and exactly 0 for equal images."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(512, 1, 28, 28, generator=g) - 0.286) / 0.353
+    x[1] = x[0] + 1e-4 * torch.randn(1, 28, 28, generator=g)
+    x[3] = x[2]
+    flat = x.reshape(512, -1)
+    exact = torch.cdist(flat.double(), flat.double(), compute_mode="donot_use_mm_for_euclid_dist")
+    exact = exact / exact.max()
+    reference = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
+    reference = reference / reference.max()
+    got = pixel_distance_NN(x)
+    assert got.dtype == torch.float32
+    gap, reference_gap = (got.double() - exact).abs().max().item(), (reference.double() - exact).abs().max().item()
+    assert gap <= max(reference_gap, 1.2e-7)
+    assert got[2, 3] == 0 and got[3, 2] == 0 and (got.diagonal() == 0).all()
+    assert got[0, 1].item() == pytest.approx(exact[0, 1].item(), rel=1e-5)  # 3e-3 of the largest distance
 
 
 def test_sample_similarity_prefers_similar_samples_on_one_expert():
