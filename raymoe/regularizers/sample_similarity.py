@@ -41,7 +41,7 @@ def pixel_distance_NN(x: torch.Tensor, distance: str = "raw") -> torch.Tensor:
     d2_NN = torch.addmm(scale_NN, flat_NX, flat_NX.t(), alpha=-2.0)
     # below the float64 GEMM's worst-case rounding of |a|^2 + |b|^2 is cancellation noise: equal images get 0
     d2_NN = d2_NN.masked_fill_(d2_NN <= 1e-13 * scale_NN, 0.0)
-    d_NN = d2_NN.sqrt_().float()
+    d_NN = d2_NN.sqrt_().to(torch.promote_types(x.dtype, torch.float32))  # float64 input (the fidelity twin) stays so
     top = d_NN.max()
     return d_NN / top if top > 0 else d_NN  # all-identical batch: every distance is 0
 
@@ -50,8 +50,8 @@ def sample_similarity(probs_NE: torch.Tensor, x: torch.Tensor, beta_s: float, be
                       normalization: str = "reference", distance: str = "raw") -> SampleSimilarity:
     """L_s of docs/paper-notes.md §3.1 for gate probabilities probs_NE of the N images x (N, C, H, W)."""
     n, e = probs_NE.shape
-    g_NE = probs_NE.float()
-    d_NN = pixel_distance_NN(x, distance).to(g_NE.device)
+    g_NE = probs_NE.to(torch.promote_types(probs_NE.dtype, torch.float32))  # bf16 -> float32; float64 kept
+    d_NN = pixel_distance_NN(x, distance).to(device=g_NE.device, dtype=g_NE.dtype)
     m_NE = d_NN @ g_NE
     same_raw = (g_NE * m_NE).sum()  # sum_e g_e^T d g_e
     s_N = g_NE.sum(1)
