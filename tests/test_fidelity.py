@@ -37,6 +37,22 @@ def batches(dataset: str, steps: int, batch: int, seed: int = 0) -> list[tuple[t
 CASES = [(d, "single", "softmax") for d in SHAPES] + [(d, "moe", g) for d in SHAPES for g in ("softmax", "attentive")]
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """Every float32 comparison here runs at two or more intra-op threads, as CI and docs/fidelity.md do.
+
+    The float32 gaps depend on the rounding pattern, and at one thread two patterns exceed the literal model's
+    floor though the function is the same (float64 equal to 1e-12; docs/fidelity.md §2): torch's channels-last
+    BatchNorm backward sums each channel in one sequential pass (the CIFAR gate's BatchNorm bias gradient rounds
+    2e-3 from float64, 5.5e-6 in NCHW), and in the strong-L_s case a near-zero gradient element whose rounding
+    Adam's first step turns into a full +-lr update. test_one_thread_computes_the_same_function covers one thread.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize(("dataset", "arch", "gate"), CASES)
 def test_fast_model_trains_like_the_literal_model(dataset, arch, gate):
     cfg = config(dataset, arch, gate)
@@ -55,6 +71,16 @@ def test_regularized_step_equals_the_literal_step(gate, reg):
     cfg = config("fashion_mnist", "moe", gate, **reg)
     gaps = compare_steps(cfg, batches("fashion_mnist", 3, 64), 10, 1, 28)
     assert all(g.within_rounding() and g.raymoe.grad < 1e-3 for g in gaps), gaps
+
+
+@pytest.mark.parametrize(("dataset", "reg"), [("cifar100", {}),
+                                           ("fashion_mnist", {"sample_similarity": {"beta_s": 1e-2, "beta_d": 1e-1}})])
+def test_one_thread_computes_the_same_function(dataset, reg):
+    """The two one-thread cases of the fixture above: raymoe in float64 equals the literal float64 step."""
+    channels, side, classes = SHAPES[dataset]
+    torch.set_num_threads(1)  # the fixture restores the count
+    gaps = compare_steps(config(dataset, "moe", "softmax", **reg), batches(dataset, 3, 32), classes, channels, side)
+    assert all(g.same_function() for g in gaps), gaps
 
 
 def test_a_different_computation_is_caught():
