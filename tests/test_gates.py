@@ -180,3 +180,28 @@ def test_sample_gates_are_the_token_routers_over_trunk_features(kind):
     torch.testing.assert_close(got.probs_NE, expected.probs_NE)
     assert torch.equal(got.experts_NK, expected.experts_NK)
     assert gate.dense == (kind in ("softmax", "attentive"))
+
+
+def test_short_row_softmax_equals_the_float64_softmax_and_its_gradient():
+    """The routers' CPU softmax over E < 16 experts (raymoe/moe/short_softmax.py) is torch's softmax: values to
+    float32 rounding of the float64 softmax, -inf logits get probability 0, and the gradient equals the one of
+    torch.softmax in float64 (gradcheck)."""
+    from raymoe.moe.short_softmax import softmax_last
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 8, generator=gen) * 6
+    logits[0, 3] = float("-inf")
+    probs = softmax_last(logits)
+    exact = torch.softmax(logits.double(), dim=-1)
+    assert (probs.double() - exact).abs().max() <= 4 * torch.finfo(torch.float32).eps
+    assert probs[0, 3] == 0 and torch.allclose(probs.sum(-1), torch.ones(300))
+    x64 = (torch.randn(12, 5, generator=gen, dtype=torch.float64) * 3).requires_grad_()
+    out = softmax_last(x64)
+    assert "ShortSoftmax" in type(out.grad_fn).__name__  # the short path, not torch.softmax
+    assert torch.autograd.gradcheck(softmax_last, (x64,))
+    grad = torch.randn(12, 5, generator=gen, dtype=torch.float64)
+    mine, = torch.autograd.grad(out, x64, grad)
+    ref, = torch.autograd.grad(torch.softmax(x64, -1), x64, grad)
+    assert torch.allclose(mine, ref, rtol=0, atol=1e-14)
+    wide = torch.randn(4, 16, requires_grad=True)
+    assert "ShortSoftmax" not in type(softmax_last(wide).grad_fn).__name__  # long rows keep torch's kernel

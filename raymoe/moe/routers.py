@@ -38,6 +38,7 @@ from torch import nn
 
 from raymoe.moe.bias_balance import BiasBalancer
 from raymoe.moe.routing import GateResult, renormalizes, select, smooth_load, standard_normal
+from raymoe.moe.short_softmax import softmax_last
 
 # W_k^T (H, A) -> keys_NEH of every expert for every item (sample level: from the experts' hidden rows; token
 # level: TokenExperts.hidden_keys, which folds W1_e W_k first)
@@ -75,7 +76,7 @@ class Router(nn.Module):
 
     def forward(self, x_NI: torch.Tensor, expert_keys: ExpertKeys | None = None) -> GateResult:
         logits_NE, load_E = self.scores(x_NI, expert_keys)
-        probs_NE = torch.softmax(logits_NE, dim=-1)
+        probs_NE = softmax_last(logits_NE)
         biased_NE = None if self.balancer is None else self.balancer.selection_scores(probs_NE)
         gate = select(probs_NE, logits_NE, self.top_k, self.renormalize, load_E, biased_NE)
         if self.balancer is not None:
@@ -170,7 +171,7 @@ class ExpertChoiceRouter(LinearRouter):
     def forward(self, x_NI, expert_keys=None):
         n, e = x_NI.shape[0], self.num_experts
         logits_NE, _ = self.scores(x_NI, None)
-        probs_NE = torch.softmax(logits_NE, dim=-1)
+        probs_NE = softmax_last(logits_NE)
         picked_QE = probs_NE.topk(self.capacity(n), dim=0).indices  # per expert (column): its top-C tokens
         chosen_NE = torch.zeros_like(probs_NE, dtype=torch.bool).scatter_(0, picked_QE, True)
         ids_NE = torch.arange(e, device=x_NI.device).expand(n, e)
