@@ -9,6 +9,8 @@ For each size and k in (1, 2), with one set of random inputs and weights, it tim
   * experts_only:  the layer's experts alone on T * k pre-sorted rows in E equal groups (no router, dispatch or
                    combine): separates what routing costs (layer / experts_only) from what E distinct weight
                    matrices cost over one shared one (experts_only / dense_chunked, memory traffic on CPU);
+  * router_only:   the layer's router alone (logits, softmax, top-k, combine weights; backward from the weights):
+                   with experts_only, the two parts of the layer that no dispatch or combine scheme removes;
   * hypermoe:      the layer plus HyperMoE (code-default sizes: embeddings/hypernetwork 128, adapter
                    --adapter-dim, default 64).
 Prints one JSON line per (size, k) with ratio_vs_dense = layer / dense_chunked, ratio_vs_naive = layer / naive and
@@ -78,9 +80,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_variants(fns: dict, params: dict, x: torch.Tensor, grad: torch.Tensor, iters: int, warmup: int,
+def _time_variants(fns: dict, params: dict, x: torch.Tensor, grads: dict, iters: int, warmup: int,
                    device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall-clock and process-CPU milliseconds of every timed forward+backward, variants interleaved."""
+    """Wall-clock and process-CPU milliseconds of every timed forward+backward, variants interleaved; variant
+    `name`'s output gets the gradient grads[name] (default grads["*"])."""
     wall = {name: [] for name in fns}
     cpu = {name: [] for name in fns}
     for i in range(warmup + iters):
@@ -91,7 +94,7 @@ def _time_variants(fns: dict, params: dict, x: torch.Tensor, grad: torch.Tensor,
             _sync(device)
             t0, c0 = time.perf_counter(), time.process_time()
             out = fn(x)
-            out.backward(grad)
+            out.backward(grads.get(name, grads["*"]))
             _sync(device)
             if i >= warmup:
                 wall[name].append((time.perf_counter() - t0) * 1e3)
@@ -111,9 +114,11 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
     fns = {"layer": lambda x: layer(x)[0], "dense_chunked": lambda x: _dense_chunked(dense, x, e),
            "naive": lambda x: _naive_moe(layer, x),
            "experts_only": lambda x: layer.experts.forward_grouped(x.repeat_interleave(k, dim=0), even)
-           .view(n, k, d).sum(1)}
+           .view(n, k, d).sum(1),
+           "router_only": lambda x: layer.router(x).weights_NK}
     params = {"layer": list(layer.parameters()), "dense_chunked": list(dense.parameters()),
-              "naive": list(layer.parameters()), "experts_only": list(layer.experts.parameters())}
+              "naive": list(layer.parameters()), "experts_only": list(layer.experts.parameters()),
+              "router_only": list(layer.router.parameters())}
     if hypermoe:
         hypernet = HyperNetwork(num_layers=1, dim=d, adapter_dim=adapter_dim).to(device)
         hyper_layer = TokenMoE(d, d_ff, e, layer.router, capacity_factor=None, impl=impl,
@@ -124,13 +129,13 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
         fns["hypermoe"] = lambda x: hyper_layer(x)[0]
         params["hypermoe"] = list(hyper_layer.parameters()) + list(hypernet.parameters())
     x = torch.randn(n, d, device=device, requires_grad=True)
-    grad = torch.randn(n, d, device=device)
+    grads = {"*": torch.randn(n, d, device=device), "router_only": torch.randn(n, k, device=device)}
     with torch.no_grad():
         y_ND, _, stats = layer(x)
         load = stats["load_E"]
         # what is timed computes the same function: the layer against one masked pass per expert
         naive_gap = float((y_ND - _naive_moe(layer, x)).abs().max())
-    wall, cpu = _time_variants(fns, params, x, grad, iters, warmup, device)
+    wall, cpu = _time_variants(fns, params, x, grads, iters, warmup, device)
     ms = {name: statistics.median(v) for name, v in wall.items()}
     row = {"bench": "moe_layer", "T": n, "d": d, "d_ff": d_ff, "E": e, "top_k": k,
            "layer_ms": round(ms["layer"], 2), "dense_chunked_ms": round(ms["dense_chunked"], 2),
@@ -138,6 +143,9 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
            "ratio_vs_naive": round(ms["layer"] / ms["naive"], 3),
            "experts_only_ms": round(ms["experts_only"], 2),
            "ratio_vs_experts_only": round(ms["layer"] / ms["experts_only"], 3),
+           "router_only_ms": round(ms["router_only"], 2),
+           # what the layer cannot go below: its experts plus its router, over the dense FFN
+           "floor_vs_dense": round((ms["experts_only"] + ms["router_only"]) / ms["dense_chunked"], 3),
            "max_load_over_mean": round(float(load.max() / load.mean()), 2), "max_abs_diff_vs_naive": naive_gap}
     if hypermoe:
         row["adapter_dim"] = adapter_dim
@@ -148,7 +156,8 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
         row["cpu_time"] = {"ratio_vs_dense": round(c["layer"] / c["dense_chunked"], 3),
                            "ratio_vs_naive": round(c["layer"] / c["naive"], 3),
                            "ratio_vs_experts_only": round(c["layer"] / c["experts_only"], 3),
-                           "experts_only_vs_dense": round(c["experts_only"] / c["dense_chunked"], 3)}
+                           "experts_only_vs_dense": round(c["experts_only"] / c["dense_chunked"], 3),
+                           "floor_vs_dense": round((c["experts_only"] + c["router_only"]) / c["dense_chunked"], 3)}
         if hypermoe:
             row["cpu_time"]["hypermoe_overhead"] = round(c["hypermoe"] / c["layer"] - 1, 3)
     return row
