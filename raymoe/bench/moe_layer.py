@@ -10,7 +10,7 @@ For each size and k in (1, 2), with one set of random inputs and weights, it tim
                    combine): separates what routing costs (layer / experts_only) from what E distinct weight
                    matrices cost over one shared one (experts_only / dense_chunked, memory traffic on CPU);
   * router_only:   the layer's router alone (logits, softmax, top-k, combine weights; backward from the weights):
-                   with experts_only, the two parts of the layer that no dispatch or combine scheme removes;
+                   experts_only + router_only is what the layer would cost if dispatch and combine were free;
   * hypermoe:      the layer plus HyperMoE (code-default sizes: embeddings/hypernetwork 128, adapter
                    --adapter-dim, default 64).
 Prints one JSON line per (size, k) with ratio_vs_dense = layer / dense_chunked, ratio_vs_naive = layer / naive and
@@ -144,7 +144,7 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
            "experts_only_ms": round(ms["experts_only"], 2),
            "ratio_vs_experts_only": round(ms["layer"] / ms["experts_only"], 3),
            "router_only_ms": round(ms["router_only"], 2),
-           # what the layer cannot go below: its experts plus its router, over the dense FFN
+           # the layer with free dispatch and combine: its experts plus its router, over the dense FFN
            "floor_vs_dense": round((ms["experts_only"] + ms["router_only"]) / ms["dense_chunked"], 3),
            "max_load_over_mean": round(float(load.max() / load.mean()), 2), "max_abs_diff_vs_naive": naive_gap}
     if hypermoe:
