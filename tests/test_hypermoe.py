@@ -172,3 +172,13 @@ def test_more_than_62_experts_use_the_row_unique_path():
     sets = hm.unselected_sets(experts_NK)
     assert sets.unselected_UE.shape == (10, 70) and sets.counts == [2] * 10
     torch.testing.assert_close(hm(x, experts_NK, 0), _naive_per_token(hm, x, experts_NK, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_zero_tokens_give_an_empty_hyperexpert_output():
+    """An empty call (no tokens) takes no grouped GEMM: empty output, and backward runs."""
+    hm = _hyper()
+    x = torch.randn(0, D, requires_grad=True)
+    y = hm(x, torch.zeros(0, 1, dtype=torch.long), layer_index=0)
+    assert y.shape == (0, D)
+    y.sum().backward()
+    assert x.grad.shape == (0, D)

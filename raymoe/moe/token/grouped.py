@@ -69,6 +69,11 @@ def grouped_mm_applies(x_RX: torch.Tensor, w_eXY: torch.Tensor) -> bool:
             and _probe(x_RX.device, x_RX.dtype))
 
 
+def grouped_ffn_applies(x_RX: torch.Tensor, w1_eXF: torch.Tensor, w2_eFY: torch.Tensor) -> bool:
+    """Whether grouped_ffn's grouped_mm path can run: rows to multiply, and both products supported."""
+    return x_RX.shape[0] > 0 and grouped_mm_applies(x_RX, w1_eXF) and grouped_mm_applies(x_RX, w2_eFY)
+
+
 def use_grouped_mm(x_RX: torch.Tensor, w_eXY: torch.Tensor, impl: Impl = "auto") -> bool:
     """The path of `impl`: "auto" takes grouped_mm on CUDA where it applies, the loop on CPU.
 
@@ -192,7 +197,7 @@ def grouped_ffn(x_RX: torch.Tensor, w1_eXF: torch.Tensor, b1_eF: torch.Tensor, w
     Args:
         act: "gelu" (exact) or "relu".
     """
-    if use_grouped_mm(x_RX, w1_eXF, impl) and (impl == "grouped_mm" or grouped_mm_applies(x_RX, w2_eFY)):
+    if (x_RX.is_cuda and grouped_ffn_applies(x_RX, w1_eXF, w2_eFY)) if impl == "auto" else impl == "grouped_mm":
         h_RF = _act(grouped_linear(x_RX, w1_eXF, b1_eF, counts, "grouped_mm"), act)
         return grouped_linear(h_RF, w2_eFY, b2_eY, counts, "grouped_mm")
     if sum(counts) != x_RX.shape[0] or len(counts) != w1_eXF.shape[0]:

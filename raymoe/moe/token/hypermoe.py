@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.moe.dispatch import inverse_permutation, take_rows
-from raymoe.moe.token.grouped import grouped_ffn, grouped_mm_applies
+from raymoe.moe.dispatch import inverse_permutation, put_rows, take_rows
+from raymoe.moe.token.grouped import grouped_ffn, grouped_ffn_applies
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,12 +154,13 @@ class HyperMoE(nn.Module):
         w = self.generate(sets.unselected_UE, layer_index)
         order_R, counts = sets.order_R, sets.counts
         dt = x_ND.dtype
-        x_RD = take_rows(x_ND, order_R, inverse_permutation(order_R, x_ND.shape[0]))  # every token in one set
+        inverse_R = inverse_permutation(order_R, x_ND.shape[0])  # every token is in exactly one set
+        x_RD = take_rows(x_ND, order_R, inverse_R)
         w_down, w_up = w.w_down_UDA.to(dt), w.w_up_UAD.to(dt)
         # NOTE: narrow adapters over many sets: grouped_mm's one call beat the per-set loop on CPU too
         # (docs/benchmarks.md, round 12), unlike the experts' wide FFNs (use_grouped_mm)
-        impl = "grouped_mm" if grouped_mm_applies(x_RD, w_down) and grouped_mm_applies(x_RD, w_up) else "loop"
+        impl = "grouped_mm" if grouped_ffn_applies(x_RD, w_down, w_up) else "loop"
         y_RD = grouped_ffn(x_RD, w_down, w.b_down_UA.to(dt), w_up, w.b_up_UD.to(dt), counts, "relu", impl)
         if out_ND is None:
-            return y_RD.new_zeros(y_RD.shape).index_copy(0, order_R, y_RD)
+            return put_rows(y_RD, order_R, x_ND.shape[0], inverse_R)
         return out_ND.index_add_(0, order_R, y_RD.to(out_ND.dtype))  # bf16 autocast: experts may answer in bf16
