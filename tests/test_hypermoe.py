@@ -72,6 +72,43 @@ def test_per_set_generation_equals_per_token_generation(top_k, adapter_dim):
     assert hm.unselected_sets(experts_NK)[0].shape[0] == sets_needed <= math.comb(E, top_k)
 
 
+@pytest.mark.parametrize("local_rows", [True, False])
+def test_top1_layer_with_hyperexpert_equals_the_per_token_reference(local_rows):
+    """w * Expert_e(x) + HyperExpert(x), token by token, gradients included. local_rows: the HyperExpert runs on the
+    experts' dispatched rows and returns through their combine (top-1, dropless, one worker); else on its own
+    gather. Expert 0 is never chosen, so its set has no tokens."""
+    torch.manual_seed(6)
+    hm = _hyper()
+    router = LinearRouter(D, E, top_k=1, bias=True)
+    with torch.no_grad():
+        router.proj.bias[0] = -100.0
+    layer = TokenMoE(D, FF, E, router, hypermoe=hm, layer_index=2)
+    layer.dispatcher.local_rows = local_rows
+    x = torch.randn(40, D)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, gate, _ = layer(x1)
+    assert layer._hypermoe_in_dispatched_rows(gate.experts_NK) == local_rows
+    assert 0 not in gate.experts_NK.tolist() and len(set(gate.experts_NK.flatten().tolist())) == E - 1
+    ref_gate, ex = layer.router(x2), layer.experts
+    rows = []
+    for n in range(x2.shape[0]):
+        e = int(ref_gate.experts_NK[n, 0])
+        h = F.gelu(x2[n:n + 1] @ ex.w1_EDF[e] + ex.b1_EF[e])
+        rows.append(ref_gate.weights_NK[n:n + 1] * (h @ ex.w2_EFD[e] + ex.b2_ED[e]))
+    y_ref = torch.cat(rows) + _naive_per_token(hm, x2, ref_gate.experts_NK, layer=2)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    params = [*router.parameters(), *ex.parameters(), *_params(hm)]
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x1, *params], g, allow_unused=True)
+    grads_ref = torch.autograd.grad(y_ref, [x2, *params], g, allow_unused=True)
+    for a, b in zip(grads, grads_ref):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert grads[1].abs().sum() > 0  # the router's weight gets the gradient of the combine weights
+
+
 def test_adapter_depends_only_on_the_unselected_set():
     torch.manual_seed(1)
     hm = _hyper()

@@ -101,6 +101,10 @@ def sort_pairs(experts_P: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 class LocalDispatcher:
     """Single worker: all experts are local; dispatch is a stable sort by expert id."""
 
+    # the grouped rows are this call's own kept pairs in the order meta.order_p, so a caller may apply per-pair
+    # terms to them before combine (an all-to-all dispatcher's rows come from every rank)
+    local_rows = True
+
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
         self.ep_rank, self.ep_size = 0, 1

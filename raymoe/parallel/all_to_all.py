@@ -63,6 +63,8 @@ def all_to_all_autograd(x: torch.Tensor, out_splits: list[int], in_splits: list[
 class AllToAllDispatcher:
     """Experts split evenly over an EP group of ep_size ranks; this rank owns local_experts."""
 
+    local_rows = False  # the grouped rows come from every rank of the group (see LocalDispatcher.local_rows)
+
     def __init__(self, num_experts: int, ep_rank: int, ep_size: int, group=None):
         if num_experts % ep_size:
             raise ValueError(f"num_experts ({num_experts}) is not divisible by the EP degree ({ep_size})")

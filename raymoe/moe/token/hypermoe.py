@@ -138,6 +138,30 @@ class HyperMoE(nn.Module):
         s_UM = unselected_UE @ self.expert_embed.weight
         return self.hypernet(self.embedding_process(s_UM), layer_index)
 
+    def top1_sets(self) -> torch.Tensor:
+        """unselected_UE of top-1 routing with one set per expert, in expert order: set u left out expert u."""
+        eye_EE = torch.eye(self.num_experts, device=self.expert_embed.weight.device)
+        return 1.0 - eye_EE
+
+    def forward_grouped(self, x_RD: torch.Tensor, unselected_UE: torch.Tensor, counts: list[int],
+                        layer_index: int) -> torch.Tensor:
+        """HyperExpert output of rows grouped by set: set u's adapter on the next counts[u] rows.
+
+        Args:
+            x_RD: tokens grouped by set (set-major).
+            unselected_UE: the sets (0/1 rows), len(counts) of them.
+            counts: rows per set (python ints; zero for a set without tokens).
+        Returns:
+            y_RD in the same row order.
+        """
+        w = self.generate(unselected_UE, layer_index)
+        dt = x_RD.dtype
+        w_down, w_up = w.w_down_UDA.to(dt), w.w_up_UAD.to(dt)
+        # NOTE: narrow adapters over many sets: grouped_mm's one call beat the per-set loop on CPU too
+        # (docs/benchmarks.md, round 12), unlike the experts' wide FFNs (use_grouped_mm)
+        impl = "grouped_mm" if grouped_ffn_applies(x_RD, w_down, w_up) else "loop"
+        return grouped_ffn(x_RD, w_down, w.b_down_UA.to(dt), w_up, w.b_up_UD.to(dt), counts, "relu", impl)
+
     def forward(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, layer_index: int,
                 out_ND: torch.Tensor | None = None) -> torch.Tensor:
         """HyperExpert output per token: the adapter of its unselected set applied to x (the MoE's input).
@@ -151,16 +175,10 @@ class HyperMoE(nn.Module):
             y_ND (or out_ND + y_ND).
         """
         sets = self.unselected_sets(experts_NK)
-        w = self.generate(sets.unselected_UE, layer_index)
-        order_R, counts = sets.order_R, sets.counts
-        dt = x_ND.dtype
+        order_R = sets.order_R
         inverse_R = inverse_permutation(order_R, x_ND.shape[0])  # every token is in exactly one set
         x_RD = take_rows(x_ND, order_R, inverse_R)
-        w_down, w_up = w.w_down_UDA.to(dt), w.w_up_UAD.to(dt)
-        # NOTE: narrow adapters over many sets: grouped_mm's one call beat the per-set loop on CPU too
-        # (docs/benchmarks.md, round 12), unlike the experts' wide FFNs (use_grouped_mm)
-        impl = "grouped_mm" if grouped_ffn_applies(x_RD, w_down, w_up) else "loop"
-        y_RD = grouped_ffn(x_RD, w_down, w.b_down_UA.to(dt), w_up, w.b_up_UD.to(dt), counts, "relu", impl)
+        y_RD = self.forward_grouped(x_RD, sets.unselected_UE, sets.counts, layer_index)
         if out_ND is None:
             return put_rows(y_RD, order_R, x_ND.shape[0], inverse_R)
         return out_ND.index_add_(0, order_R, y_RD.to(out_ND.dtype))  # bf16 autocast: experts may answer in bf16

@@ -85,9 +85,10 @@ class TokenMoE(nn.Module):
             kept_NK = within_capacity(selected_NK, cap, self.num_experts)
             gate = dataclasses.replace(gate, experts_NK=torch.where(kept_NK, selected_NK, -1),
                                        weights_NK=torch.where(kept_NK, gate.weights_NK, 0.0))
-        y_ND = self._routed_experts(x_ND, gate.experts_NK, gate.weights_NK)
+        hyper_in_rows = self._hypermoe_in_dispatched_rows(selected_NK)
+        y_ND = self._routed_experts(x_ND, gate.experts_NK, gate.weights_NK, hyper_in_rows)
         # in-place adds: y_ND is this layer's own fresh tensor and no backward formula needs its value
-        if self.hypermoe is not None:
+        if self.hypermoe is not None and not hyper_in_rows:
             y_ND = self.hypermoe(x_ND, selected_NK, self.layer_index, out_ND=y_ND)
         if self.shared is not None:
             y_ND = y_ND.add_(self.shared(x_ND))
@@ -101,15 +102,32 @@ class TokenMoE(nn.Module):
         stats = {"dropped_frac": torch.tensor(dropped, device=x.device), "load_E": load_E}
         return y_ND.view(x.shape), gate, stats
 
-    def _routed_experts(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
-        """sum over a token's kept pairs of weight * expert(x), through dispatch / grouped experts / combine."""
+    def _hypermoe_in_dispatched_rows(self, selected_NK: torch.Tensor) -> bool:
+        """Whether the HyperExpert can run on the experts' dispatched rows: top-1, dropless, one worker.
+
+        There a token's unselected set is "every expert but the chosen one", so the dispatch's stable sort by
+        expert is HyperMoE's grouping by set (docs/hypermoe-notes.md §1.3(2)), and its output returns through the
+        experts' combine: one gather and one scatter fewer, forward and backward.
+        """
+        return (self.hypermoe is not None and selected_NK.shape[1] == 1 and self.capacity_factor is None
+                and self.dispatcher.local_rows)
+
+    def _routed_experts(self, x_ND: torch.Tensor, experts_NK: torch.Tensor, weights_NK: torch.Tensor,
+                        hyper_in_rows: bool = False) -> torch.Tensor:
+        """sum over a token's kept pairs of weight * expert(x), through dispatch / grouped experts / combine;
+        with hyper_in_rows (see _hypermoe_in_dispatched_rows) plus the HyperExpert's output."""
         n, k = experts_NK.shape
         if self.router.token_choice:
             # pairs token-major (n, j) -> row n * k + j; dropped pairs stay in with id -1 (the dispatcher skips
             # them, combine returns zeros), so copies and sums are plain reshapes, no gather / scatter-add
             x_PD = x_ND if k == 1 else x_ND.unsqueeze(1).expand(n, k, self.dim).reshape(n * k, self.dim)
             x_RD, counts, meta = self.dispatcher.dispatch(x_PD, experts_NK.reshape(-1))
-            y_PD = self.dispatcher.combine(self.experts.forward_grouped(x_RD, counts), meta)
+            y_RD = self.experts.forward_grouped(x_RD, counts)
+            if hyper_in_rows:  # w * expert(x) + HyperExpert(x) on the grouped rows, then one combine
+                w_R1 = weights_NK.reshape(-1).index_select(0, meta.order_p).to(y_RD.dtype).unsqueeze(1)
+                hyper_RD = self.hypermoe.forward_grouped(x_RD, self.hypermoe.top1_sets(), counts, self.layer_index)
+                return self.dispatcher.combine(torch.addcmul(hyper_RD.to(y_RD.dtype), y_RD, w_R1), meta)
+            y_PD = self.dispatcher.combine(y_RD, meta)
             if k == 1:
                 return y_PD * weights_NK.to(y_PD.dtype)
             # one (1 x k) @ (k x D) product per token: 2x faster than multiply-then-sum, fwd + bwd (no N x k x D temp)
