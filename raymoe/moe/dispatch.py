@@ -1,7 +1,9 @@
 """Dispatch/combine: move (item, expert) pairs to the rank that owns the expert and back.
 
 One interface serves a single worker (LocalDispatcher) and an expert-parallel group (AllToAllDispatcher,
-in all_to_all.py). Model code calls only `dispatch`, the experts' grouped forward and `combine`.
+in all_to_all.py). Model code calls only `dispatch`, the experts' grouped forward and `combine`, and may read
+`local_rows`: whether the grouped rows are this call's own pairs (single worker), so per-pair terms can be
+applied to them before `combine`.
 
 Shape legend: P (item, expert) pairs on this rank, p the kept pairs (DispatchMeta.order_p), R rows received by
 this rank's experts,

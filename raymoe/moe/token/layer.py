@@ -4,7 +4,8 @@
 
 Flow: router -> (capacity dropping) -> dispatcher.dispatch -> experts.forward_grouped -> dispatcher.combine ->
 weights * y, summed back per token (token choice: the N*K pairs are token-major, so copy and sum are reshapes;
-expert choice: only chosen pairs are sent and index_add brings them back).
+expert choice: only chosen pairs are sent and index_add brings them back). Top-1 HyperMoE on one worker without
+capacity runs on the dispatched rows and returns through the same combine (_hypermoe_in_dispatched_rows).
 The layer touches the experts ONLY through `self.dispatcher` and `self.experts.forward_grouped`, so expert
 parallelism can swap both from outside (all_to_all.py:
 `layer.dispatcher = AllToAllDispatcher(...)`, `layer.experts = layer.experts.shard(ep_rank, ep_size)`);
