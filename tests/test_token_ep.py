@@ -22,7 +22,9 @@ from raymoe.parallel.context import DistContext
 
 D, FF, E = 8, 16, 4
 TOKENS_PER_RANK = (10, 7)
-CASES = ("gshard_capacity_hyper_bias_shared", "switch_capacity", "expert_choice")
+# switch_dropless_hyper: one process runs the HyperExpert on the experts' dispatched rows, the EP ranks gather by
+# set themselves (TokenMoE._hypermoe_in_dispatched_rows); both must give the same numbers
+CASES = ("gshard_capacity_hyper_bias_shared", "switch_capacity", "expert_choice", "switch_dropless_hyper")
 
 
 class _Model(nn.Module):
@@ -36,6 +38,9 @@ class _Model(nn.Module):
             router = LinearRouter(D, E, top_k=2, bias_balance_rate=0.01)
             self.moe = TokenMoE(D, FF, E, router, capacity_factor=1.0, hypermoe=HyperMoE(E, self.hypernet, 5, 5),
                                 num_shared_experts=1, layer_index=1)
+        elif case == "switch_dropless_hyper":
+            self.hypernet = HyperNetwork(1, D, input_dim=6, bottleneck=6, layer_embed_dim=2, adapter_dim=4)
+            self.moe = TokenMoE(D, FF, E, LinearRouter(D, E, top_k=1), hypermoe=HyperMoE(E, self.hypernet, 5, 5))
         elif case == "switch_capacity":
             self.moe = TokenMoE(D, FF, E, LinearRouter(D, E, top_k=1), capacity_factor=1.25)
         else:
@@ -96,6 +101,8 @@ def test_ep2_matches_one_process(ep_runs, case):
         if callable(getattr(module, "post_step", None)):
             module.post_step(DistContext())
     grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    one_token_top1 = torch.zeros(1, 1, dtype=torch.long)
+    assert reference.moe._hypermoe_in_dispatched_rows(one_token_top1) == (case == "switch_dropless_hyper")
     for rank in (0, 1):
         got, want = results[rank][case], per_rank[rank]
         assert got["dispatcher"] == "AllToAllDispatcher"
