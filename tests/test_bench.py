@@ -22,6 +22,10 @@ def test_bench_moe_layer_quick_prints_one_line_per_size_and_k(capsys):
         assert row["layer_ms"] > 0 and row["dense_chunked_ms"] > 0 and row["naive_ms"] > 0
         assert row["max_abs_diff_vs_naive"] < 1e-4  # the timed layer is the MoE the naive loop computes
         assert "hypermoe_overhead" in row and "hypermoe_overhead" in row["cpu_time"]
+        # top-1 also times HyperMoE's own gather by set, and both HyperMoE paths compute the same function
+        assert ("hypermoe_own_gather_overhead" in row) == (row["top_k"] == 1)
+        if row["top_k"] == 1:
+            assert row["max_abs_diff_hypermoe_paths"] < 1e-5 and "hypermoe_own_gather_overhead" in row["cpu_time"]
         # the floor is the experts plus the router, both timed by themselves in the same run
         assert row["router_only_ms"] > 0 and row["floor_vs_dense"] == pytest.approx(
             (row["experts_only_ms"] + row["router_only_ms"]) / row["dense_chunked_ms"], abs=0.01)

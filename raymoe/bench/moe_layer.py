@@ -12,9 +12,11 @@ For each size and k in (1, 2), with one set of random inputs and weights, it tim
   * router_only:   the layer's router alone (logits, softmax, top-k, combine weights; backward from the weights):
                    experts_only + router_only is what the layer would cost if dispatch and combine were free;
   * hypermoe:      the layer plus HyperMoE (code-default sizes: embeddings/hypernetwork 128, adapter
-                   --adapter-dim, default 64).
+                   --adapter-dim, default 64); at top-1 it runs on the experts' dispatched rows;
+  * hypermoe_own_gather (top-1 only): the same HyperMoE layer gathering the tokens by set itself, as under expert
+                   parallelism: what running on the dispatched rows saves (TokenMoE._hypermoe_in_dispatched_rows).
 Prints one JSON line per (size, k) with ratio_vs_dense = layer / dense_chunked, ratio_vs_naive = layer / naive and
-hypermoe_overhead = hypermoe / layer - 1, from wall-clock medians; on CPU the same ratios from process CPU-time
+hypermoe_overhead = hypermoe / layer - 1 (and at top-1 hypermoe_own_gather_overhead), from wall-clock medians; on CPU the same ratios from process CPU-time
 medians too ("cpu_time"), which other jobs on a shared machine disturb far less (exact for --threads 1).
 float32; threads = torch.get_num_threads() unless --threads; subnormals flushed and freed memory kept, as in training.
 
@@ -128,6 +130,13 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
         apply_fast_paths(hypernet, device)
         fns["hypermoe"] = lambda x: hyper_layer(x)[0]
         params["hypermoe"] = list(hyper_layer.parameters()) + list(hypernet.parameters())
+        if k == 1:
+            own_gather = TokenMoE(d, d_ff, e, layer.router, capacity_factor=None, impl=impl,
+                                  hypermoe=hyper_layer.hypermoe).to(device)
+            own_gather.experts = hyper_layer.experts
+            own_gather.dispatcher.local_rows = False  # this instance takes the expert-parallel path
+            fns["hypermoe_own_gather"] = lambda x: own_gather(x)[0]
+            params["hypermoe_own_gather"] = params["hypermoe"]
     x = torch.randn(n, d, device=device, requires_grad=True)
     grads = {"*": torch.randn(n, d, device=device), "router_only": torch.randn(n, k, device=device)}
     with torch.no_grad():
@@ -135,6 +144,8 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
         load = stats["load_E"]
         # what is timed computes the same function: the layer against one masked pass per expert
         naive_gap = float((y_ND - _naive_moe(layer, x)).abs().max())
+        paths_gap = (float((fns["hypermoe"](x) - fns["hypermoe_own_gather"](x)).abs().max())
+                     if "hypermoe_own_gather" in fns else None)
     wall, cpu = _time_variants(fns, params, x, grads, iters, warmup, device)
     ms = {name: statistics.median(v) for name, v in wall.items()}
     row = {"bench": "moe_layer", "T": n, "d": d, "d_ff": d_ff, "E": e, "top_k": k,
@@ -151,6 +162,9 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
         row["adapter_dim"] = adapter_dim
         row["hypermoe_ms"] = round(ms["hypermoe"], 2)
         row["hypermoe_overhead"] = round(ms["hypermoe"] / ms["layer"] - 1, 3)
+        if paths_gap is not None:
+            row["hypermoe_own_gather_overhead"] = round(ms["hypermoe_own_gather"] / ms["layer"] - 1, 3)
+            row["max_abs_diff_hypermoe_paths"] = paths_gap
     if device.type == "cpu":  # CPU time is far less disturbed than wall time by other jobs on a shared machine
         c = {name: statistics.median(v) for name, v in cpu.items()}
         row["cpu_time"] = {"ratio_vs_dense": round(c["layer"] / c["dense_chunked"], 3),
@@ -160,6 +174,8 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
                            "floor_vs_dense": round((c["experts_only"] + c["router_only"]) / c["dense_chunked"], 3)}
         if hypermoe:
             row["cpu_time"]["hypermoe_overhead"] = round(c["hypermoe"] / c["layer"] - 1, 3)
+            if paths_gap is not None:
+                row["cpu_time"]["hypermoe_own_gather_overhead"] = round(c["hypermoe_own_gather"] / c["layer"] - 1, 3)
     return row
 
 
