@@ -48,20 +48,16 @@ class _AddGroupBias(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_RY, b_eY, counts: list[int]):
         ctx.counts = counts
-        start = 0
-        for g, c in enumerate(counts):
-            y_RY[start:start + c].add_(b_eY[g])
-            start += c
+        for group_rows, group_bias in zip(y_RY.split(counts), b_eY):
+            group_rows.add_(group_bias)
         ctx.mark_dirty(y_RY)
         return y_RY
 
     @staticmethod
     def backward(ctx, dy_RY):
         db_eY = dy_RY.new_empty((len(ctx.counts), dy_RY.shape[1]))
-        start = 0
-        for g, c in enumerate(ctx.counts):
-            torch.sum(dy_RY[start:start + c], 0, out=db_eY[g])  # an empty group sums to 0
-            start += c
+        for group_grad, bias_grad in zip(dy_RY.split(ctx.counts), db_eY):
+            torch.sum(group_grad, 0, out=bias_grad)  # an empty group sums to 0
         return dy_RY, db_eY, None
 
 
@@ -131,11 +127,11 @@ def grouped_linear(x_RX: torch.Tensor, w_eXY: torch.Tensor, b_eY: torch.Tensor |
     if use_grouped_mm(x_RX, w_eXY, impl):
         offs_e = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x_RX.device)
         y_RY = torch._grouped_mm(x_RX, w_eXY, offs=offs_e)
-        if b_eY is not None and not x_RX.is_cuda:
-            y_RY = _AddGroupBias.apply(y_RY, b_eY, counts)
-        elif b_eY is not None:
+        if b_eY is not None and x_RX.is_cuda:  # one broadcast kernel, not one per group
             counts_e = torch.tensor(counts, device=x_RX.device)
             y_RY = y_RY + b_eY.repeat_interleave(counts_e, dim=0, output_size=x_RX.shape[0])
+        elif b_eY is not None:
+            y_RY = _AddGroupBias.apply(y_RY, b_eY, counts)
         return _ContiguousGrad.apply(y_RY)
     # split/unbind keep one autograd node each (slicing per group would allocate a full-size gradient per slice)
     xs, ws = x_RX.split(counts), w_eXY.unbind(0)
