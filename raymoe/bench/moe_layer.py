@@ -6,11 +6,14 @@ For each size and k in (1, 2), with one set of random inputs and weights, it tim
   * dense_chunked: a dense GELU FFN with the same active FLOPs (hidden k * d_ff) run over the tokens in E equal
                    chunks, i.e. what the experts' GEMMs would cost with perfectly even groups;
   * naive:         the same router and experts as a per-expert loop: mask, gather, FFN, weight, index_add;
-  * experts_only:  the layer's experts alone on T * k pre-sorted rows in E equal groups (no router, dispatch or
-                   combine): separates what routing costs (layer / experts_only) from what E distinct weight
-                   matrices cost over one shared one (experts_only / dense_chunked, memory traffic on CPU);
+  * experts_only:  the layer's experts alone on T * k rows already sorted into E equal groups (their own leaf
+                   tensor: no router, dispatch, combine or copy is timed): separates what routing costs
+                   (layer / experts_only) from what E distinct weight matrices cost over one shared one
+                   (experts_only / dense_chunked, memory traffic on CPU);
   * router_only:   the layer's router alone (logits, softmax, top-k, combine weights; backward from the weights):
                    experts_only + router_only is what the layer would cost if dispatch and combine were free;
+  * routing_only:  the layer with identity experts (router, sort, dispatch, combine, combine weights): the
+                   layer's other half, so experts_only + routing_only is the layer timed in two parts;
   * hypermoe:      the layer plus HyperMoE (code-default sizes: embeddings/hypernetwork 128, adapter
                    --adapter-dim, default 64); at top-1 it runs on the experts' dispatched rows;
   * hypermoe_own_gather (top-1 only): the same HyperMoE layer gathering the tokens by set itself, as under expert
@@ -34,6 +37,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from raymoe.kernels.fast_paths import apply_fast_paths, gemm_choice
 from raymoe.moe.token.hypermoe import HyperMoE, HyperNetwork
@@ -71,6 +75,13 @@ def _naive_moe(layer: TokenMoE, x_ND: torch.Tensor) -> torch.Tensor:
         h = F.gelu(torch.addmm(ex.b1_EF[e], x_e, ex.w1_EDF[e]))
         y_ND.index_add_(0, tok, w * torch.addmm(ex.b2_ED[e], h, ex.w2_EFD[e]))
     return y_ND
+
+
+class _IdentityExperts(nn.Module):
+    """Experts that return their rows: a TokenMoE holding them times routing alone (routing_only)."""
+
+    def forward_grouped(self, x_RD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return x_RD
 
 
 def _dense_chunked(ffn: FeedForward, x_ND: torch.Tensor, chunks: int) -> torch.Tensor:
@@ -113,14 +124,17 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
     # the dense FFN keeps torch's GEMM, as the experts' stacked weights do: the ratio compares like with like
     apply_fast_paths(layer, device)
     even = [n * k // e] * e
+    sorted_rows = torch.randn(n * k, d, device=device, requires_grad=True)  # experts_only's input, pre-sorted
+    routing = TokenMoE(d, d_ff, e, layer.router, capacity_factor=None, impl=impl).to(device)
+    routing.experts = _IdentityExperts()
     fns = {"layer": lambda x: layer(x)[0], "dense_chunked": lambda x: _dense_chunked(dense, x, e),
            "naive": lambda x: _naive_moe(layer, x),
-           "experts_only": lambda x: layer.experts.forward_grouped(x.repeat_interleave(k, dim=0), even)
-           .view(n, k, d).sum(1),
-           "router_only": lambda x: layer.router(x).weights_NK}
+           "experts_only": lambda _: layer.experts.forward_grouped(sorted_rows, even),
+           "router_only": lambda x: layer.router(x).weights_NK,
+           "routing_only": lambda x: routing(x)[0]}
     params = {"layer": list(layer.parameters()), "dense_chunked": list(dense.parameters()),
-              "naive": list(layer.parameters()), "experts_only": list(layer.experts.parameters()),
-              "router_only": list(layer.router.parameters())}
+              "naive": list(layer.parameters()), "experts_only": [*layer.experts.parameters(), sorted_rows],
+              "router_only": list(layer.router.parameters()), "routing_only": list(layer.router.parameters())}
     if hypermoe:
         hypernet = HyperNetwork(num_layers=1, dim=d, adapter_dim=adapter_dim).to(device)
         hyper_layer = TokenMoE(d, d_ff, e, layer.router, capacity_factor=None, impl=impl,
@@ -138,12 +152,15 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
             fns["hypermoe_own_gather"] = lambda x: own_gather(x)[0]
             params["hypermoe_own_gather"] = params["hypermoe"]
     x = torch.randn(n, d, device=device, requires_grad=True)
-    grads = {"*": torch.randn(n, d, device=device), "router_only": torch.randn(n, k, device=device)}
+    grads = {"*": torch.randn(n, d, device=device), "router_only": torch.randn(n, k, device=device),
+             "experts_only": torch.randn(n * k, d, device=device)}
     with torch.no_grad():
-        y_ND, _, stats = layer(x)
+        y_ND, gate, stats = layer(x)
         load = stats["load_E"]
-        # what is timed computes the same function: the layer against one masked pass per expert
+        # what is timed computes the same function: the layer against one masked pass per expert, and routing
+        # alone against sum_k w_k * x (identity experts)
         naive_gap = float((y_ND - _naive_moe(layer, x)).abs().max())
+        routing_gap = float((routing(x)[0] - gate.weights_NK.sum(1, keepdim=True) * x).abs().max())
         paths_gap = (float((fns["hypermoe"](x) - fns["hypermoe_own_gather"](x)).abs().max())
                      if "hypermoe_own_gather" in fns else None)
     wall, cpu = _time_variants(fns, params, x, grads, iters, warmup, device)
@@ -157,7 +174,11 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
            "router_only_ms": round(ms["router_only"], 2),
            # the layer with free dispatch and combine: its experts plus its router, over the dense FFN
            "floor_vs_dense": round((ms["experts_only"] + ms["router_only"]) / ms["dense_chunked"], 3),
-           "max_load_over_mean": round(float(load.max() / load.mean()), 2), "max_abs_diff_vs_naive": naive_gap}
+           "routing_only_ms": round(ms["routing_only"], 2),
+           # the layer's two halves timed apart: what the layer would cost if running them together cost nothing
+           "parts_vs_dense": round((ms["experts_only"] + ms["routing_only"]) / ms["dense_chunked"], 3),
+           "max_load_over_mean": round(float(load.max() / load.mean()), 2), "max_abs_diff_vs_naive": naive_gap,
+           "max_abs_diff_routing_only": routing_gap}
     if hypermoe:
         row["adapter_dim"] = adapter_dim
         row["hypermoe_ms"] = round(ms["hypermoe"], 2)
@@ -171,7 +192,8 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
                            "ratio_vs_naive": round(c["layer"] / c["naive"], 3),
                            "ratio_vs_experts_only": round(c["layer"] / c["experts_only"], 3),
                            "experts_only_vs_dense": round(c["experts_only"] / c["dense_chunked"], 3),
-                           "floor_vs_dense": round((c["experts_only"] + c["router_only"]) / c["dense_chunked"], 3)}
+                           "floor_vs_dense": round((c["experts_only"] + c["router_only"]) / c["dense_chunked"], 3),
+                           "parts_vs_dense": round((c["experts_only"] + c["routing_only"]) / c["dense_chunked"], 3)}
         if hypermoe:
             row["cpu_time"]["hypermoe_overhead"] = round(c["hypermoe"] / c["layer"] - 1, 3)
             if paths_gap is not None:
