@@ -3,11 +3,13 @@
 One interface serves a single worker (LocalDispatcher) and an expert-parallel group (AllToAllDispatcher,
 in all_to_all.py). Model code calls only `dispatch`, the experts' grouped forward and `combine`, and may read
 `local_rows`: whether the grouped rows are this call's own pairs (single worker), so per-pair terms can be
-applied to them before `combine`.
+applied to them before `combine`. Token-choice layers pass one row per item with `pairs_per_item` = k (pair p
+belongs to item p // k) and the combine weights to `combine`, which returns each item's weighted sum: the k
+copies of an item and its k output rows are never materialised in pair order (gather_pairs, scatter_pairs).
 
-Shape legend: P (item, expert) pairs on this rank, p the kept pairs (DispatchMeta.order_p), R rows received by
-this rank's experts,
-e local experts, X/Y feature dims (any trailing shape).
+Shape legend: N items, K pairs per item, P (item, expert) pairs on this rank, p the kept pairs
+(DispatchMeta.order_p), R rows received by this rank's experts, e local experts, X/Y feature dims (any trailing
+shape).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 class _TakeRows(torch.autograd.Function):
@@ -73,6 +76,75 @@ def put_rows(y: torch.Tensor, idx: torch.Tensor, num_rows: int, inverse: torch.T
     return _put_rows(y, idx, inverse, num_rows)
 
 
+class _TakePairRows(torch.autograd.Function):
+    """Rows x[item_p] where an item may repeat (its k pairs); backward sums each item's rows: one gather-sum
+    (embedding_bag) over the item's k rows when every pair is kept, else an index_add."""
+
+    @staticmethod
+    def forward(fn_ctx, x: torch.Tensor, item_p: torch.Tensor, inverse_p: torch.Tensor | None, k: int):
+        fn_ctx.save_for_backward(item_p, inverse_p)
+        fn_ctx.num_items, fn_ctx.k = x.shape[0], k
+        return x.index_select(0, item_p)
+
+    @staticmethod
+    def backward(fn_ctx, grad: torch.Tensor):
+        item_p, inverse_p = fn_ctx.saved_tensors
+        if inverse_p is None:
+            dx = grad.new_zeros((fn_ctx.num_items, *grad.shape[1:])).index_add_(0, item_p, grad)
+        else:  # item i's rows are inverse_p[i * k : (i + 1) * k]
+            dx = F.embedding_bag(inverse_p.view(-1, fn_ctx.k), grad.flatten(1), mode="sum").view(
+                fn_ctx.num_items, *grad.shape[1:])
+        return dx, None, None, None
+
+
+class _WeightedSumPairs(torch.autograd.Function):
+    """y[i] = sum_j w[i, j] * rows[inverse_p[i * k + j]] for 2-D rows in `order_p` order, every pair kept: the
+    put-back and the weighted sum in one pass (embedding_bag); backward gathers dy once for the rows and the
+    weights' gradients."""
+
+    @staticmethod
+    def forward(fn_ctx, y_pY: torch.Tensor, w_NK: torch.Tensor, order_p: torch.Tensor, inverse_p: torch.Tensor):
+        fn_ctx.save_for_backward(y_pY, w_NK, order_p)
+        return F.embedding_bag(inverse_p.view_as(w_NK), y_pY, mode="sum", per_sample_weights=w_NK)
+
+    @staticmethod
+    def backward(fn_ctx, dy_NY: torch.Tensor):
+        y_pY, w_NK, order_p = fn_ctx.saved_tensors
+        dy_pY = dy_NY.index_select(0, order_p // w_NK.shape[1])  # each row gets its item's gradient
+        dw_NK = None
+        if fn_ctx.needs_input_grad[1]:  # d y[i] / d w[i, j] = row (i, j)
+            dw_p = torch.linalg.vecdot(dy_pY, y_pY)
+            dw_NK = torch.empty_like(dw_p).index_copy_(0, order_p, dw_p).view_as(w_NK)
+        return dy_pY.mul_(w_NK.reshape(-1).index_select(0, order_p).unsqueeze(1)), dw_NK, None, None
+
+
+def gather_pairs(x_NX: torch.Tensor, order_p: torch.Tensor, inverse_p: torch.Tensor | None,
+                 pairs_per_item: int) -> torch.Tensor:
+    """The rows of the kept pairs in `order_p` order, pair p being item p // pairs_per_item; differentiable."""
+    if pairs_per_item == 1:
+        return take_rows(x_NX, order_p, inverse_p)
+    item_p = order_p // pairs_per_item
+    if torch.is_grad_enabled() and x_NX.requires_grad:
+        return _TakePairRows.apply(x_NX, item_p, inverse_p, pairs_per_item)
+    return x_NX.index_select(0, item_p)
+
+
+def scatter_pairs(y_pY: torch.Tensor, meta: "DispatchMeta", weights_NK: torch.Tensor | None = None) -> torch.Tensor:
+    """Undo gather_pairs' order: one row per pair in pair order (zeros for dropped pairs), or with weights_NK
+    (2-D rows) each item's weighted sum over its pairs; differentiable."""
+    if weights_NK is None:
+        return put_rows(y_pY, meta.order_p, meta.num_pairs, meta.inverse_p)
+    w_NK = weights_NK.to(y_pY.dtype)
+    if meta.inverse_p is not None:
+        return _WeightedSumPairs.apply(y_pY, w_NK, meta.order_p, meta.inverse_p)
+    n, k = w_NK.shape
+    y_PY = put_rows(y_pY, meta.order_p, meta.num_pairs)  # dropped pairs are zero rows
+    if k == 1:
+        return y_PY * w_NK
+    # one (1 x k) @ (k x Y) product per item: no N x k x Y temporary, forward or backward
+    return torch.bmm(w_NK.unsqueeze(1), y_PY.view(n, k, -1)).squeeze(1)
+
+
 @dataclass(slots=True)
 class DispatchMeta:
     """What `combine` needs to undo `dispatch`. Fields beyond `order_p` are dispatcher-specific."""
@@ -116,13 +188,15 @@ class LocalDispatcher:
         per_rank = self.num_experts // self.ep_size
         return range(self.ep_rank * per_rank, (self.ep_rank + 1) * per_rank)
 
-    def dispatch(self, x_PX: torch.Tensor, experts_P: torch.Tensor | None
+    def dispatch(self, x_PX: torch.Tensor, experts_P: torch.Tensor | None, pairs_per_item: int = 1
                  ) -> tuple[torch.Tensor, list[int], DispatchMeta]:
         """Group rows by expert.
 
         Args:
-            x_PX: one row per (item, expert) pair; with experts_P None, one row per item.
-            experts_P: global expert id per row; -1 = dropped. None = dense: every expert takes every item.
+            x_PX: one row per (item, expert) pair, or one row per item shared by its pairs_per_item pairs
+                (pair p is item p // pairs_per_item); with experts_P None, one row per item.
+            experts_P: global expert id per pair; -1 = dropped. None = dense: every expert takes every item.
+            pairs_per_item: consecutive pairs per row of x_PX.
         Returns:
             x_RX rows grouped by local expert (expert-major), counts per local expert (python ints), meta.
             Dense: the G rows every local expert takes (experts.forward_dense), counts [G] * local experts.
@@ -133,11 +207,13 @@ class LocalDispatcher:
         kept_P, order, inverse = sort_pairs(experts_P)
         counts = torch.bincount(experts_P[order], minlength=self.num_experts).tolist()
         meta = DispatchMeta(order_p=order, kept_P=kept_P, num_pairs=experts_P.numel(), inverse_p=inverse)
-        return take_rows(x_PX, order, inverse), counts, meta
+        return gather_pairs(x_PX, order, inverse, pairs_per_item), counts, meta
 
-    def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        """Return one output row per pair in the original pair order (zeros for dropped pairs); dense: y (E, n, Y)
+    def combine(self, y_RY: torch.Tensor, meta: DispatchMeta, weights_NK: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Return one output row per pair in the original pair order (zeros for dropped pairs), or with
+        weights_NK (item-major pairs, 2-D rows) each item's weighted sum of its pairs' rows; dense: y (E, n, Y)
         from forward_dense as E * n expert-major rows."""
         if meta.dense:
             return y_RY.reshape(meta.num_pairs, *y_RY.shape[2:])
-        return put_rows(y_RY, meta.order_p, meta.num_pairs, meta.inverse_p)
+        return scatter_pairs(y_RY, meta, weights_NK)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from raymoe.moe.dispatch import DispatchMeta, inverse_permutation, put_rows, sort_pairs, take_rows
+from raymoe.moe.dispatch import (DispatchMeta, gather_pairs, inverse_permutation, put_rows, scatter_pairs,
+                                 sort_pairs, take_rows)
 from raymoe.parallel.collectives import in_graph
 from raymoe.parallel.comm_meter import METER
 
@@ -75,14 +76,16 @@ class AllToAllDispatcher:
     def local_experts(self) -> range:
         return range(self.ep_rank * self.per_rank, (self.ep_rank + 1) * self.per_rank)
 
-    def dispatch(self, x_PX: torch.Tensor, experts_P: torch.Tensor | None
+    def dispatch(self, x_PX: torch.Tensor, experts_P: torch.Tensor | None, pairs_per_item: int = 1
                  ) -> tuple[torch.Tensor, list[int], DispatchMeta]:
         """Send each kept pair to the rank owning its expert; return rows grouped by local expert.
 
         Args:
-            x_PX: one row per (item, expert) pair.
-            experts_P: global expert id per row; -1 = dropped. None = dense: every expert takes every item
+            x_PX: one row per (item, expert) pair, or one row per item shared by its pairs_per_item pairs
+                (pair p is item p // pairs_per_item).
+            experts_P: global expert id per pair; -1 = dropped. None = dense: every expert takes every item
                 (x_PX then holds one row per item).
+            pairs_per_item: consecutive pairs per row of x_PX.
         Returns:
             x_RX rows from the whole EP group grouped by local expert, counts per local expert (python ints), meta.
             Dense: the EP group's items in rank order (each sent once, not once per expert), for forward_dense.
@@ -104,7 +107,7 @@ class AllToAllDispatcher:
         send_splits = send_E.view(self.ep_size, self.per_rank).sum(1).tolist()
         recv_splits = recv_We.sum(1).tolist()
         # 2) rows: variable-size exchange, differentiable
-        x_pX = take_rows(x_PX, order_p, inverse_p)
+        x_pX = gather_pairs(x_PX, order_p, inverse_p, pairs_per_item)
         if dispatch_grad:  # this rank's rows may need no gradient while its peers' do
             x_pX = in_graph(x_pX)
         x_RX = all_to_all_autograd(x_pX, recv_splits, send_splits, self.group)
@@ -145,8 +148,10 @@ class AllToAllDispatcher:
         y_PY = all_to_all_autograd(y_pY, [e * n] * self.ep_size, [e * b for b in sizes], self.group)
         return y_PY  # rank r's block is its experts r*e .. r*e+e-1 over my n items: global expert-major
 
-    def combine(self, y_RY: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        """Send expert outputs back; return one row per pair in the original order (zeros for dropped pairs).
+    def combine(self, y_RY: torch.Tensor, meta: DispatchMeta, weights_NK: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Send expert outputs back; return one row per pair in the original order (zeros for dropped pairs), or
+        with weights_NK each item's weighted sum of its pairs' rows (LocalDispatcher.combine).
         Dense: y (local experts, G, Y) from forward_dense -> (E * n) expert-major rows of this rank's items."""
         extra = meta.extra
         if torch.is_grad_enabled():
@@ -159,4 +164,4 @@ class AllToAllDispatcher:
             return self._combine_dense(y_RY, meta)
         y_src_RY = put_rows(y_RY, extra["regroup_R"], y_RY.shape[0], extra["inverse_R"])  # undo step 3
         y_pY = all_to_all_autograd(y_src_RY, extra["send_splits"], extra["recv_splits"], self.group)
-        return put_rows(y_pY, meta.order_p, meta.num_pairs, meta.inverse_p)
+        return scatter_pairs(y_pY, meta, weights_NK)

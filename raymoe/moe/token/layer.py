@@ -2,10 +2,11 @@
 
     y = sum_{kept (token, expert) pairs} w * Expert_e(x)   [+ HyperExpert(x)]   [+ SharedFFN(x)]
 
-Flow: router -> (capacity dropping) -> dispatcher.dispatch -> experts.forward_grouped -> dispatcher.combine ->
-weights * y, summed back per token (token choice: the N*K pairs are token-major, so copy and sum are reshapes;
-expert choice: only chosen pairs are sent and index_add brings them back). Top-1 HyperMoE on one worker without
-capacity runs on the dispatched rows and returns through the same combine (_hypermoe_in_dispatched_rows).
+Flow: router -> (capacity dropping) -> dispatcher.dispatch -> experts.forward_grouped -> dispatcher.combine
+(token choice: the N*K pairs are token-major; dispatch gathers each pair's row from the token and combine returns
+each token's weighted sum of its pairs; expert choice: only chosen pairs are sent, weighted, and index_add brings
+them back). Top-1 HyperMoE on one worker without capacity runs on the dispatched rows and returns through the
+same combine (_hypermoe_in_dispatched_rows).
 The layer touches the experts ONLY through `self.dispatcher` and `self.experts.forward_grouped`, so expert
 parallelism can swap both from outside (all_to_all.py:
 `layer.dispatcher = AllToAllDispatcher(...)`, `layer.experts = layer.experts.shard(ep_rank, ep_size)`);
@@ -119,20 +120,16 @@ class TokenMoE(nn.Module):
         with hyper_in_rows (see _hypermoe_in_dispatched_rows) plus the HyperExpert's output."""
         n, k = experts_NK.shape
         if self.router.token_choice:
-            # pairs token-major (n, j) -> row n * k + j; dropped pairs stay in with id -1 (the dispatcher skips
-            # them, combine returns zeros), so copies and sums are plain reshapes, no gather / scatter-add
-            x_PD = x_ND if k == 1 else x_ND.unsqueeze(1).expand(n, k, self.dim).reshape(n * k, self.dim)
-            x_RD, counts, meta = self.dispatcher.dispatch(x_PD, experts_NK.reshape(-1))
+            # pairs token-major (n, j) -> pair n * k + j; dropped pairs stay in with id -1 (the dispatcher skips
+            # them, combine gives them weight 0); the dispatcher gathers each pair's row from x_ND and combine
+            # returns each token's weighted sum, so no N * k copy of x or of the output is made
+            x_RD, counts, meta = self.dispatcher.dispatch(x_ND, experts_NK.reshape(-1), pairs_per_item=k)
             y_RD = self.experts.forward_grouped(x_RD, counts)
             if hyper_in_rows:  # w * expert(x) + HyperExpert(x) on the grouped rows, then one combine
                 w_R1 = weights_NK.reshape(-1).index_select(0, meta.order_p).to(y_RD.dtype).unsqueeze(1)
                 hyper_RD = self.hypermoe.forward_grouped(x_RD, self.hypermoe.top1_sets(), counts, self.layer_index)
                 return self.dispatcher.combine(torch.addcmul(hyper_RD.to(y_RD.dtype), y_RD, w_R1), meta)
-            y_PD = self.dispatcher.combine(y_RD, meta)
-            if k == 1:
-                return y_PD * weights_NK.to(y_PD.dtype)
-            # one (1 x k) @ (k x D) product per token: 2x faster than multiply-then-sum, fwd + bwd (no N x k x D temp)
-            return torch.bmm(weights_NK.to(y_PD.dtype).unsqueeze(1), y_PD.view(n, k, -1)).squeeze(1)
+            return self.dispatcher.combine(y_RD, meta, weights_NK)
         # expert choice: K = E slots per token, mostly empty; send only the chosen pairs
         pair_P = (experts_NK.reshape(-1) >= 0).nonzero().squeeze(1)
         tok_P = pair_P // k
