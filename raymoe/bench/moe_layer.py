@@ -18,9 +18,10 @@ For each size and k in (1, 2), with one set of random inputs and weights, it tim
                    --adapter-dim, default 64); at top-1 it runs on the experts' dispatched rows;
   * hypermoe_own_gather (top-1 only): the same HyperMoE layer gathering the tokens by set itself, as under expert
                    parallelism: what running on the dispatched rows saves (TokenMoE._hypermoe_in_dispatched_rows).
-Prints one JSON line per (size, k) with ratio_vs_dense = layer / dense_chunked, ratio_vs_naive = layer / naive and
-hypermoe_overhead = hypermoe / layer - 1 (and at top-1 hypermoe_own_gather_overhead), from wall-clock medians; on CPU the same ratios from process CPU-time
-medians too ("cpu_time"), which other jobs on a shared machine disturb far less (exact for --threads 1).
+Prints one JSON line per (size, k) with ratio_vs_dense = layer / dense_chunked, ratio_vs_naive = layer / naive,
+floor_vs_dense, parts_vs_dense and hypermoe_overhead = hypermoe / layer - 1 (and at top-1
+hypermoe_own_gather_overhead), from wall-clock medians; on CPU the same ratios from process CPU-time medians too
+("cpu_time"), which other jobs on a shared machine disturb far less (exact for --threads 1).
 float32; threads = torch.get_num_threads() unless --threads; subnormals flushed and freed memory kept, as in training.
 
 Shape legend: N tokens, D model dim, F expert hidden, E experts, K experts per token.
@@ -125,7 +126,7 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
     apply_fast_paths(layer, device)
     even = [n * k // e] * e
     sorted_rows = torch.randn(n * k, d, device=device, requires_grad=True)  # experts_only's input, pre-sorted
-    routing = TokenMoE(d, d_ff, e, layer.router, capacity_factor=None, impl=impl).to(device)
+    routing = TokenMoE(d, 1, e, layer.router, capacity_factor=None).to(device)  # d_ff 1: its experts are replaced
     routing.experts = _IdentityExperts()
     fns = {"layer": lambda x: layer(x)[0], "dense_chunked": lambda x: _dense_chunked(dense, x, e),
            "naive": lambda x: _naive_moe(layer, x),
@@ -175,7 +176,7 @@ def bench_size(n: int, d: int, d_ff: int, e: int, k: int, iters: int, warmup: in
            # the layer with free dispatch and combine: its experts plus its router, over the dense FFN
            "floor_vs_dense": round((ms["experts_only"] + ms["router_only"]) / ms["dense_chunked"], 3),
            "routing_only_ms": round(ms["routing_only"], 2),
-           # the layer's two halves timed apart: what the layer would cost if running them together cost nothing
+           # the layer timed in two halves (experts; router, sort, dispatch and combine), over the dense FFN
            "parts_vs_dense": round((ms["experts_only"] + ms["routing_only"]) / ms["dense_chunked"], 3),
            "max_load_over_mean": round(float(load.max() / load.mean()), 2), "max_abs_diff_vs_naive": naive_gap,
            "max_abs_diff_routing_only": routing_gap}
